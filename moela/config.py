@@ -1,0 +1,247 @@
+"""ModelConfig: the DeepSeek-V2/V3 architecture read from a HF `config.json`, validated once.
+
+    cfg = ModelConfig.from_pretrained("path/to/model")   # or ModelConfig.from_dict(json.load(...))
+
+Defaults for fields a config.json leaves out follow the HF config class of its `model_type`, so a
+checkpoint saved by transformers means the same thing here. `auto_map` (remote code) is ignored.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moela.errors import ConfigError
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+# Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
+_V2_DEFAULTS = dict(
+    vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
+    num_hidden_layers=32, num_attention_heads=32, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2,
+    n_routed_experts=64, num_experts_per_tok=None, first_k_dense_replace=0, routed_scaling_factor=1.0,
+    topk_method="greedy", scoring_func="softmax", n_group=None, topk_group=None, norm_topk_prob=False,
+    max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, rope_interleave=True,
+)
+_V3_DEFAULTS = dict(
+    vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1,
+    n_routed_experts=256, num_experts_per_tok=8, first_k_dense_replace=3, routed_scaling_factor=2.5,
+    topk_method="noaux_tc", scoring_func="sigmoid", n_group=8, topk_group=4, norm_topk_prob=True,
+    max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, rope_interleave=True,
+)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_shared_experts: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    moe_layer_freq: int = 1
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope_interleave: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    quantization: QuantConfig | None = None
+    hidden_act: str = "silu"
+    num_nextn_predict_layers: int = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"{file}: no config.json found (is this a model directory?)")
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: expected a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"field 'model_type' = {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        defaults = _V2_DEFAULTS if model_type == "deepseek_v2" else _V3_DEFAULTS
+        get = lambda k: raw[k] if k in raw else defaults.get(k)  # noqa: E731
+        eos = get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        names = {f.name for f in fields(cls)} - {"rope", "eos_token_ids", "quantization", "model_type"}
+        nullable = {"q_lora_rank", "n_group", "topk_group", "bos_token_id"}  # null means "none", not "default"
+        kwargs = {k: get(k) for k in names if get(k) is not None or (k in nullable and k in raw)}
+        if kwargs.get("num_experts_per_tok") is None:
+            kwargs["num_experts_per_tok"] = 0 if model_type == "deepseek_v2" else 8
+        if model_type == "deepseek_v2":
+            kwargs["rope_interleave"] = True  # V2 always rotates interleaved pairs
+        cfg = cls(model_type=model_type, rope=_rope_from_dict(raw), eos_token_ids=eos_ids,
+                  quantization=_quant_from_dict(raw.get("quantization_config")), **kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"field '{name}' = {getattr(self, name)!r} {why}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise bad("q_lora_rank", "must be a positive integer or null")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise bad("first_k_dense_replace", f"must be within [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.moe_layer_freq != 1:
+            raise bad("moe_layer_freq", "is not supported (every DeepSeek config uses 1)")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "is not supported (DeepSeek uses 'silu')")
+        if self.topk_method not in TOPK_METHODS:
+            raise bad("topk_method", f"is not one of {TOPK_METHODS}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise bad("scoring_func", f"is not one of {SCORING_FUNCS}")
+        if self.has_moe:
+            self._validate_moe(bad)
+        if self.rope.rope_type not in ("default", "yarn"):
+            raise ConfigError(f"field 'rope_scaling.type' = {self.rope.rope_type!r} is not supported (default, yarn)")
+        if self.rope.rope_type == "yarn" and (self.rope.factor is None or self.rope.factor <= 0):
+            raise ConfigError(f"field 'rope_scaling.factor' = {self.rope.factor!r} must be positive")
+        for i in self.eos_token_ids + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
+            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise ConfigError(f"field 'bos_token_id/eos_token_id' = {i!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_moe(self, bad) -> None:
+        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise bad(name, "must be a positive integer when the model has MoE layers")
+        if self.n_shared_experts is None or self.n_shared_experts < 0:
+            raise bad("n_shared_experts", "must be >= 0")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise bad("num_experts_per_tok", f"exceeds n_routed_experts={self.n_routed_experts}")
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
+            if not self.n_group or self.n_routed_experts % self.n_group:
+                raise bad("n_group", f"must divide n_routed_experts={self.n_routed_experts} for {self.topk_method}")
+            if not self.topk_group or not 1 <= self.topk_group <= self.n_group:
+                raise bad("topk_group", f"must be within [1, n_group={self.n_group}]")
+            if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+                raise bad("n_group", "leaves fewer than 2 experts per group (noaux_tc scores groups by their top 2)")
+
+    @property
+    def has_moe(self) -> bool:
+        return self.first_k_dense_replace < self.num_hidden_layers
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer: the normalized latent c_KV and the roped k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        if self.rope.rope_type == "yarn" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"field 'rope_scaling' = {params!r} must be an object")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "yarn":
+        return RopeConfig(theta=float(theta), rope_type=rope_type)
+    max_pos = raw.get("max_position_embeddings")
+    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor")
+    if factor is None and max_pos and original:
+        factor = max_pos / original
+    return RopeConfig(
+        theta=float(theta), rope_type="yarn", factor=factor, original_max_position_embeddings=original,
+        beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0,
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"), truncate=params.get("truncate", True),
+    )
+
+
+def _quant_from_dict(q: dict[str, Any] | None) -> QuantConfig | None:
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"field 'quantization_config.quant_method' = {method!r} is not supported (fp8)")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"field 'quantization_config.fmt' = {fmt!r} is not supported (e4m3)")
+    block = q.get("weight_block_size") or [128, 128]
+    if len(block) != 2 or any(not isinstance(b, int) or b <= 0 for b in block):
+        raise ConfigError(f"field 'quantization_config.weight_block_size' = {block!r} must be two positive integers")
+    return QuantConfig(quant_method=method, fmt=fmt, weight_block_size=tuple(block))

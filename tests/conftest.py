@@ -1,0 +1,94 @@
+"""Tiny random DeepSeek checkpoints built with transformers (our numerical oracle) for the tests."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+BASE = dict(vocab_size=128, hidden_size=48, intermediate_size=72, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=20, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+            first_k_dense_replace=1, max_position_embeddings=256, hidden_act="silu", bos_token_id=0,
+            eos_token_id=1, tie_word_embeddings=False)
+
+VARIANTS = {
+    # DeepSeek-V2: query LoRA, softmax scores, group-limited greedy (4 groups, keep 2)
+    "v2": ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=4.0)),
+    # DeepSeek-V2-Lite: no query LoRA, plain greedy
+    "v2_lite": ("deepseek_v2", dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2)),
+    # DeepSeek-V3: sigmoid noaux_tc with a random correction bias, 4 groups keep 2, normalized top-k
+    "v3": ("deepseek_v3", dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    "v3_no_interleave": ("deepseek_v3", dict(n_group=4, topk_group=2, rope_interleave=False)),
+    # YaRN factor 40 with mscale != mscale_all_dim, so both the cos/sin factor and the softmax scale move
+    "v3_yarn": ("deepseek_v3", dict(n_group=2, topk_group=1, max_position_embeddings=2048, rope_scaling=dict(
+        type="yarn", factor=40.0, original_max_position_embeddings=16, beta_fast=32, beta_slow=1,
+        mscale=1.0, mscale_all_dim=0.8), rope_theta=10000.0)),
+    "v2_yarn": ("deepseek_v2", dict(max_position_embeddings=2048, rope_scaling=dict(
+        type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707))),
+}
+
+
+def hf_class(model_type: str):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    if model_type == "deepseek_v2":
+        return DeepseekV2Config, DeepseekV2ForCausalLM
+    return DeepseekV3Config, DeepseekV3ForCausalLM
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Spread weights so routing and attention are decisive (HF's init gives near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if not p.is_floating_point() or "inv_freq" in name:
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        if "norm" in name:
+            p.copy_(1 + 0.2 * noise)
+        elif "e_score_correction_bias" in name:
+            p.copy_(0.3 * noise)
+        elif "gate.weight" in name or "embed" in name:
+            p.copy_(noise)
+        else:
+            p.copy_(noise / p.shape[-1] ** 0.5)
+
+
+def build_hf(variant: str, seed: int = 0, **overrides):
+    model_type, extra = VARIANTS[variant]
+    config_cls, model_cls = hf_class(model_type)
+    cfg = config_cls(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """variant -> (directory, HF model); each built once per session."""
+    cache: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def get(variant: str) -> tuple[Path, torch.nn.Module]:
+        if variant not in cache:
+            model = build_hf(variant)
+            path = tmp_path_factory.mktemp(variant)
+            model.save_pretrained(path)
+            cache[variant] = (path, model)
+        return cache[variant]
+
+    return get
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def edit_config(path: Path, **changes) -> None:
+    file = path / "config.json"
+    cfg = json.loads(file.read_text())
+    cfg.update(changes)
+    file.write_text(json.dumps(cfg))
