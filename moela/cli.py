@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from moela.config import ModelConfig
     from moela.generate import generate
     from moela.loader import load_model
     from moela.sampling import SamplingParams
@@ -67,8 +68,9 @@ def run_generate(args: argparse.Namespace) -> int:
     path = Path(args.model) if args.model else DEFAULT_MODEL
     if not path.exists():
         raise MoelaError(f"{path}: no such model directory")
+    cfg = ModelConfig.from_pretrained(path)  # an unsupported model fails before anything is read
     tok = Tokenizer.from_pretrained(path)
-    model = load_model(path, dtype=DTYPES[args.dtype])
+    model = load_model(path, dtype=DTYPES[args.dtype], cfg=cfg)
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt = tok.encode(text, add_special_tokens=False)

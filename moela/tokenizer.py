@@ -1,7 +1,7 @@
 """Tokenizer: `tokenizer.json` through `tokenizers`, chat templates through sandboxed jinja2.
 
     tok = Tokenizer.from_pretrained("path/to/model")
-    ids = tok.encode("hello")                                  # adds BOS the way the model expects
+    ids = tok.encode("hello")                                  # BOS if tokenizer.json's post-processor adds it
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=False)           # the template already holds BOS
     stream = tok.stream(); pieces = [stream.step(i) for i in ids]  # never splits a UTF-8 character
@@ -34,7 +34,6 @@ class Tokenizer:
         self.eos_token = _token_str(config.get("eos_token"))
         self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
-        self.add_bos_token = bool(config.get("add_bos_token", False)) and self.bos_token_id is not None
         self.chat_template = chat_template
         self._template = _compile(chat_template) if chat_template else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -65,10 +64,8 @@ class Tokenizer:
         return cls(tokenizer, config, template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id] + ids
-        return ids
+        """BOS/EOS come from tokenizer.json's post-processor, as in transformers (add_bos_token is not read)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,91 @@
+"""ModelConfig from HF config.json: defaults per model_type, both rope spellings, errors naming the field."""
+
+import json
+
+import pytest
+
+from moela.config import ModelConfig
+from moela.errors import ConfigError
+
+V3 = dict(model_type="deepseek_v3", vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+          num_hidden_layers=4, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+          qk_rope_head_dim=8, v_head_dim=16, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4,
+          first_k_dense_replace=1, n_group=4, topk_group=2, eos_token_id=[1, 2])
+
+
+def test_v3_defaults_and_eos_list():
+    cfg = ModelConfig.from_dict(V3)
+    assert (cfg.topk_method, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor) == ("noaux_tc", "sigmoid", True, 2.5)
+    assert cfg.eos_token_ids == (1, 2) and cfg.rope_interleave and cfg.latent_dim == 40 and cfg.qk_head_dim == 24
+
+
+def test_v2_defaults_and_null_q_lora():
+    cfg = ModelConfig.from_dict({**V3, "model_type": "deepseek_v2", "q_lora_rank": None, "n_group": None,
+                                 "topk_group": None, "eos_token_id": 2})
+    assert cfg.q_lora_rank is None and cfg.topk_method == "greedy" and cfg.scoring_func == "softmax"
+    assert cfg.eos_token_ids == (2,) and not cfg.norm_topk_prob
+
+
+def test_kimi_k2_is_v3_architecture_and_auto_map_ignored():
+    cfg = ModelConfig.from_dict({**V3, "model_type": "kimi_k2", "n_group": 1, "topk_group": 1,
+                                 "auto_map": {"AutoModel": "modeling_deepseek.DeepseekV3Model"}})
+    assert cfg.topk_method == "noaux_tc" and cfg.n_group == 1
+
+
+YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=1.0, mscale_all_dim=1.0)
+REAL_HEADS = dict(qk_nope_head_dim=128, qk_rope_head_dim=64)  # 192-dim query/key heads
+
+
+def test_rope_scaling_and_rope_parameters_spellings_agree():
+    v3 = {**V3, **REAL_HEADS, "max_position_embeddings": 163840}
+    old = ModelConfig.from_dict({**v3, "rope_theta": 10000, "rope_scaling": YARN})
+    new = ModelConfig.from_dict({**v3,
+                                 "rope_parameters": {**YARN, "rope_type": "yarn", "rope_theta": 10000}})
+    assert old.rope == new.rope and old.rope.rope_type == "yarn" and old.rope.factor == 40
+    assert abs(old.softmax_scale - 0.135234) < 1e-6  # DeepSeek-V3: 192^-0.5 * (0.1 ln 40 + 1)^2
+
+
+def test_deepseek_v2_softmax_scale():
+    cfg = ModelConfig.from_dict({**V3, **REAL_HEADS, "model_type": "deepseek_v2", "rope_scaling": {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}})
+    assert abs(cfg.softmax_scale - 0.114721) < 1e-6
+
+
+def test_quantization_config():
+    cfg = ModelConfig.from_dict({**V3, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}})
+    assert cfg.quantization.weight_block_size == (128, 128)
+    with pytest.raises(ConfigError, match="'quantization_config.quant_method' = 'gptq'"):
+        ModelConfig.from_dict({**V3, "quantization_config": {"quant_method": "gptq"}})
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "llama"}, "'model_type' = 'llama' is not supported"),
+    ({"model_type": None}, "'model_type' = None is not supported"),
+    ({"n_group": 3}, "'n_group' = 3 must divide n_routed_experts=16"),
+    ({"topk_group": 5}, r"'topk_group' = 5 must be within \[1, n_group=4\]"),
+    ({"num_experts_per_tok": 17}, "'num_experts_per_tok' = 17 exceeds n_routed_experts=16"),
+    ({"topk_method": "random"}, "'topk_method' = 'random' is not one of"),
+    ({"scoring_func": "relu"}, "'scoring_func' = 'relu' is not one of"),
+    ({"hidden_size": -4}, "'hidden_size' = -4 must be a positive integer"),
+    ({"hidden_size": "big"}, "'hidden_size' = 'big' must be a positive integer"),
+    ({"qk_rope_head_dim": 7}, "'qk_rope_head_dim' = 7 must be even"),
+    ({"first_k_dense_replace": 9}, "'first_k_dense_replace' = 9 must be within"),
+    ({"moe_layer_freq": 2}, "'moe_layer_freq' = 2 is not supported"),
+    ({"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'rope_scaling.type' = 'dynamic' is not supported"),
+    ({"eos_token_id": 5000}, "= 5000 is outside the vocabulary"),
+])
+def test_bad_values_name_the_field(change, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict({**V3, **change})
+
+
+def test_from_pretrained_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**V3, "n_group": 3}))
+    with pytest.raises(ConfigError, match=r"config\.json: field 'n_group' = 3"):
+        ModelConfig.from_pretrained(tmp_path)

@@ -1,0 +1,244 @@
+"""Checkpoint loading: sharded, FP8 block-quantized, MTP layers, and every bad-checkpoint error."""
+
+import json
+import logging
+import math
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_hf, edit_config, rel_err
+from moela.errors import CheckpointError
+from moela.loader import dequantize_fp8, load_model
+from moela.model import StepContext
+
+SEQ = [5, 17, 99, 3, 64, 12, 7, 88, 41]
+
+
+def logits_of(model, seq=SEQ) -> torch.Tensor:
+    ctx = StepContext.prefill([len(seq)])
+    with torch.no_grad():
+        return model.logits(model(torch.tensor(seq), ctx.positions, ctx))
+
+
+def hf_logits(hf, seq=SEQ) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0]
+
+
+@pytest.fixture
+def v3_dir(tmp_path, hf_checkpoint):
+    """A private copy of the v3 checkpoint that a test may damage."""
+    src, hf = hf_checkpoint("v3")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst, hf
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = build_hf("v2", seed=3)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 3
+    assert rel_err(logits_of(load_model(tmp_path, dtype=torch.float32)), hf_logits(hf)) < 1e-4
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise e4m3 quantization the way DeepSeek-V3 checkpoints store weights."""
+    out_dim, in_dim = w.shape
+    bo, bi = block
+    scale = torch.zeros(math.ceil(out_dim / bo), math.ceil(in_dim / bi))
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_block_quantized_checkpoint_with_ragged_edges(tmp_path):
+    """Every attention/MLP/expert Linear in e4m3 with 16x16 scale blocks; dims 48, 72, 24... leave ragged edges."""
+    hf = build_hf("v3", seed=4)
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    block, quantized = (16, 16), {}
+    for name, t in tensors.items():
+        is_linear = name.endswith("proj.weight") or ".experts." in name
+        if is_linear and t.dim() == 2 and "layernorm" not in name:
+            q, s = quantize_fp8(t, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            tensors[name] = dequantize_fp8(q, s, block, name)  # what the oracle should see
+        else:
+            quantized[name] = t
+    ragged = [n for n, t in quantized.items() if t.dtype == torch.float8_e4m3fn and (t.shape[0] % 16 or t.shape[1] % 16)]
+    assert ragged, "the test needs ragged edge blocks"
+    save_file(quantized, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    edit_config(tmp_path, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                               "weight_block_size": list(block)})
+    state = hf.state_dict()
+    for name, t in tensors.items():
+        if name in state:
+            state[name].copy_(t)
+    _copy_experts(hf, tensors)  # per-expert tensors go into transformers' fused layout
+    assert rel_err(logits_of(load_model(tmp_path, dtype=torch.float32)), hf_logits(hf)) < 1e-4
+
+
+def _copy_experts(hf, tensors) -> None:
+    for i, layer in enumerate(hf.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        p = f"model.layers.{i}.mlp.experts."
+        for e in range(experts.gate_up_proj.shape[0]):
+            gate, up = tensors[f"{p}{e}.gate_proj.weight"], tensors[f"{p}{e}.up_proj.weight"]
+            experts.gate_up_proj.data[e] = torch.cat([gate, up])
+            experts.down_proj.data[e] = tensors[f"{p}{e}.down_proj.weight"]
+
+
+def test_dequantize_fp8_ragged_blocks():
+    w = torch.randn(130, 260)
+    q, s = quantize_fp8(w, (128, 128))
+    assert s.shape == (2, 3)
+    assert rel_err(dequantize_fp8(q, s, (128, 128), "w"), w) < 0.07
+    with pytest.raises(CheckpointError, match="weight_scale_inv has shape"):
+        dequantize_fp8(q, s[:1], (128, 128), "file: tensor 'w'")
+
+
+def test_mtp_layer_is_skipped_with_one_log_line(v3_dir, caplog):
+    path, hf = v3_dir
+    tensors = load_file(path / "model.safetensors")
+    n = hf.config.num_hidden_layers
+    for name in [k for k in tensors if k.startswith("model.layers.2.")]:
+        tensors[name.replace("model.layers.2.", f"model.layers.{n}.")] = tensors[name].clone()
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(48, 96)
+    save_file(tensors, path / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="moela.loader"):
+        model = load_model(path, dtype=torch.float32)
+    assert len([r for r in caplog.records if "MTP" in r.message]) == 1
+    assert rel_err(logits_of(model), hf_logits(hf)) < 1e-4
+
+
+def test_tied_embeddings(tmp_path):
+    hf = build_hf("v2_lite", seed=5, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert model.head is None and rel_err(logits_of(model), hf_logits(hf)) < 1e-4
+
+
+def resave(path, mutate) -> None:
+    tensors = load_file(path / "model.safetensors")
+    mutate(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_missing_tensor(v3_dir):
+    path, _ = v3_dir
+    resave(path, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight'"):
+        load_model(path)
+
+
+def test_unexpected_tensor(v3_dir):
+    path, _ = v3_dir
+    resave(path, lambda t: t.update({"model.layers.0.self_attn.rotary.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.rotary\.weight'"):
+        load_model(path)
+
+
+def test_misshaped_tensor(v3_dir):
+    path, _ = v3_dir
+    resave(path, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(5, 24)}))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' has shape \[5, 24\], expected"):
+        load_model(path)
+
+
+def write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("short", "shorter than its 8-byte header"),
+    ("huge_length", "exceeds the file"),
+    ("not_json", "not valid JSON"),
+    ("duplicate", "appears twice"),
+    ("bad_dtype", "corrupt safetensors header entry for tensor 'a'"),
+    ("size_mismatch", "tensor 'a' has 8 bytes but dtype F32 x shape \\[3\\] needs 12"),
+    ("overlap", "tensors 'a' and 'b' overlap"),
+    ("out_of_file", "corrupt safetensors header entry for tensor 'a'"),
+])
+def test_corrupt_safetensors_header(v3_dir, case, match):
+    path, _ = v3_dir
+    f = path / "model.safetensors"
+    if case == "short":
+        f.write_bytes(b"\x01\x02")
+    elif case == "huge_length":
+        write_raw(path, {}, length=10**12)
+    elif case == "not_json":
+        write_raw(path, b"{not json")
+    elif case == "duplicate":
+        write_raw(path, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                        b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8)
+    elif case == "bad_dtype":
+        write_raw(path, {"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    elif case == "size_mismatch":
+        write_raw(path, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8)
+    elif case == "overlap":
+        write_raw(path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+    elif case == "out_of_file":
+        write_raw(path, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_model(path)
+    assert "model.safetensors" in str(err.value)
+
+
+def test_missing_shard(tmp_path):
+    build_hf("v2", seed=6).save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shard '{shard.name}' is listed but missing"):
+        load_model(tmp_path)
+
+
+def test_index_names_tensor_absent_from_shard(tmp_path):
+    build_hf("v2", seed=6).save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.extra.weight"] = next(iter(index["weight_map"].values()))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'model.layers.0.extra.weight' is listed in the index but not in this file"):
+        load_model(tmp_path)
+
+
+def test_pickle_checkpoint_refused(v3_dir):
+    path, _ = v3_dir
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not a pickle, never opened")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle checkpoints are refused"):
+        load_model(path)
+
+
+def test_no_checkpoint(tmp_path):
+    build_hf("v2").config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_fp8_weight_without_scale(v3_dir):
+    path, _ = v3_dir
+    name = "model.layers.0.self_attn.o_proj.weight"
+    resave(path, lambda t: t.update({name: t[name].to(torch.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError, match=f"FP8 tensor '{name}' has no '{name}_scale_inv'"):
+        load_model(path)
+
+
+def test_load_in_bfloat16_and_float16(v3_dir):
+    path, _ = v3_dir
+    for dtype in (torch.bfloat16, torch.float16):
+        model = load_model(path, dtype=dtype)
+        assert model.embed.weight.dtype == dtype
+        assert model.layers[1].ffn.gate.bias.dtype == torch.float32  # the correction bias stays fp32
+        assert torch.isfinite(logits_of(model)).all()
