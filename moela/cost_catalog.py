@@ -182,7 +182,8 @@ def measure_local() -> Hardware:
     threads = torch.get_num_threads()
     sources = {
         "memory_gb": "this machine: physical memory (sysconf)",
-        "bandwidth_tbs": f"measured now: best of 3 torch copies of a 128 MiB bf16 tensor, read + write, {threads} threads",
+        "bandwidth_tbs": f"measured now: best of 3 torch copies of a 128 MiB bf16 tensor (read + write), "
+                         f"{threads} threads",
         "bf16": f"measured now: best of 3 torch bf16 2048x2048 matmuls, {threads} threads",
     }
     return Hardware(f"this machine (CPU, {threads} threads)", memory / 1e9, bandwidth / 1e12,

@@ -99,9 +99,10 @@ def _num(x: float, unit: str = "") -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """First column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(header), *map(line, rows)])
+    lines = [[r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])] for r in [header, *rows]]
+    return "\n".join("  ".join(cells) for cells in lines)
 
 
 def _render_model(r: dict, st: Settings) -> str:
@@ -110,18 +111,20 @@ def _render_model(r: dict, st: Settings) -> str:
            f"params   total {_num(p['total'])}, active per token {_num(p['active'])} "
            f"({_num(p['active_excl_embedding'])} without the embedding)"]
     if p["published_total"]:
-        out.append(f"         published {_num(p['published_total'])} / {_num(p['published_active'])} "
-                   f"({p['published_source']})")
+        active = f" / {_num(p['published_active'])}" if p["published_active"] else ""
+        out.append(f"         published {_num(p['published_total'])}{active} ({p['published_source']})")
     out.append("weights  " + ", ".join(f"{d} {_num(b, 'B')}" for d, b in r["weight_bytes"].items()))
     c = r["cache_bytes_per_token"]
-    rows = [["cached (as moela/HF store it)", "cached"], ["MHA, same heads", "mha"], ["GQA-8, same head dim", "gqa8"]]
+    rows = [["cached (as moela/HF store it)", "cached"]]
     rows += [["  of which indexer keys", "indexer"]] if c["bf16"]["indexer"] else []
     rows += [["fixed per sequence (window, buffers)", "fixed_per_sequence"]] if c["bf16"]["fixed_per_sequence"] else []
+    rows += [["MHA, same heads", "mha"], ["GQA-8, same head dim", "gqa8"]]
     out += ["", _table(["cache bytes per token", *DTYPES], [[label] + [f"{c[d][k]:,.0f}" for d in DTYPES]
                                                              for label, k in rows])]
-    f = r["flops_per_token"]
-    out += ["", f"FLOPs per token at context {st.context:,}: prefill {_num(f['prefill'], 'FLOP')}, decode {_num(f['decode'], 'FLOP')}",
-            f"one sequence's cache at context {st.context:,} ({st.kv_dtype}): {_num(r['cache_bytes_per_sequence'], 'B')}",
+    f, ctx = r["flops_per_token"], f"{st.context:,}"
+    out += ["", f"FLOPs per token at context {ctx}: prefill {_num(f['prefill'], 'FLOP')}, "
+                f"decode {_num(f['decode'], 'FLOP')}",
+            f"one sequence's cache at context {ctx} ({st.kv_dtype}): {_num(r['cache_bytes_per_sequence'], 'B')}",
             f"batch {st.batch} touches {r['experts_touched_per_layer']:.1f} of {r['n_routed_experts']} "
             f"routed experts per MoE layer (expected, uniform routing)"]
     return "\n".join(out)
@@ -131,10 +134,10 @@ def _render_chips(rows: list[dict], st: Settings) -> str:
     header = ["chip", "devices", "free mem", "cache tokens", f"seqs@{st.context}", "decode devs", "decode tok/s",
               "tok/s/dev", "bound", "prefill tok/s/dev", "$/1M out"]
     body = [[r["name"], str(r["devices"]), _num(r["free_bytes"], "B"), f"{r['max_cached_tokens']:,}",
-             f"{r['max_sequences']:,}", str(r["decode"]["devices"]), f"{r['decode']['tokens_per_s']:,.0f}",
-             f"{r['decode']['tokens_per_s_per_device']:,.0f}", r["decode"]["bound"] if r["decode"]["fits"] else "no fit",
+             f"{r['max_sequences']:,}", str(d["devices"]), f"{d['tokens_per_s']:,.0f}",
+             f"{d['tokens_per_s_per_device']:,.0f}", d["bound"] if d["fits"] else "no fit",
              f"{r['prefill_tokens_per_s_per_device']:,.0f}", f"{r['usd_per_million_output_tokens']:.3f}"]
-            for r in rows]
+            for r, d in ((r, r["decode"]) for r in rows)]
     title = (f"{st.dtype} weights, {st.kv_dtype} cache, batch {st.batch}, context {st.context:,}, "
              f"${st.price:.2f} per device-hour; roofline (peak bandwidth and FLOPs, no communication), "
              f"{cost.MEMORY_UTIL:.0%} of memory usable")

@@ -6,10 +6,12 @@
     # {"tokens_per_s": 21.3, "roofline_tokens_per_s": 45.0, "ratio": 0.47, ...}
 
 Builds the model with random bf16 weights (uniform-looking routing, which is what the roofline's
-expected-experts formula assumes), prefills `batch` random prompts of `context` tokens, then times
-`steps` single-token decode steps through the absorbed path and the paged latent cache.
+expected-experts formula assumes), gives moela's engine `batch` random prompts of `context` tokens,
+then times `steps` engine steps in which every sequence decodes one token (scheduling, the absorbed
+MLA path over the paged latent cache, sampling).
 """
 
+import math
 import os
 import time
 
@@ -18,8 +20,9 @@ import torch
 from moela import cost
 from moela.config import MODEL_TYPES, ModelConfig
 from moela.cost_catalog import CatalogModel, measure_local
-from moela.generate import BatchDecoder
+from moela.engine.llm import EngineConfig, LLMEngine
 from moela.model import Gate, Transformer
+from moela.sampling import SamplingParams
 
 MAX_MEMORY_SHARE = 0.5  # refuse shapes whose bf16 weights need more than this share of RAM
 
@@ -52,20 +55,33 @@ def _check_runnable(m: CatalogModel) -> ModelConfig:
     return ModelConfig.from_dict(m.config)
 
 
+def _time_decode(model: Transformer, batch: int, context: int, steps: int, block: int = 64) -> float:
+    """Seconds per engine step once every sequence decodes (prefill and one warm-up step untimed)."""
+    max_len = context + steps + 2
+    per_token = model.cfg.latent_dim * model.cfg.num_hidden_layers * 2  # bf16 latent cache
+    cache = batch * (math.ceil(max_len / block) + 1) * block * per_token
+    cfg = EngineConfig(max_model_len=max_len, max_num_seqs=batch, skip_tokenizer_init=True, block_size=block,
+                       kv_cache_memory=cache, max_num_batched_tokens=max(2048, context),
+                       enable_prefix_caching=False)
+    engine = LLMEngine(cfg, model=model)
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for prompt in torch.randint(0, model.cfg.vocab_size, (batch, context), generator=gen).tolist():
+        engine.add_request(prompt, params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill until each sequence has its first token
+        started |= {out.request_id for out in engine.step() if out.outputs[0].token_ids}
+    engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - start) / steps
+
+
 def measure_decode(m: CatalogModel, batch: int, context: int, steps: int = 16) -> dict:
     cfg = _check_runnable(m)
     hw = measure_local()
-    model = random_model(cfg)
-    gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).tolist()
-    dec = BatchDecoder(model, batch, context + steps + 1)
-    dec.step(prompts)  # prefill, untimed
-    tokens = [[t] for t in torch.randint(0, cfg.vocab_size, (batch,), generator=gen).tolist()]
-    dec.step(tokens)  # first decode step warms up the absorbed path
-    start = time.perf_counter()
-    for _ in range(steps):
-        dec.step(tokens)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = _time_decode(random_model(cfg), batch, context, steps)
     mid = context + 1 + steps // 2  # mean context over the timed steps
     roof = cost.decode_roofline(m.shape, hw, batch, mid, "bf16", devices=1)
     measured = batch / seconds

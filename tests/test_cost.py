@@ -216,6 +216,12 @@ def test_cli_devices(capsys):
     assert _run(capsys, "v3", "--devices", "0")[0] == 2
 
 
+@pytest.mark.parametrize("key", model_names())
+def test_cli_table_for_every_catalog_model(key, capsys):
+    code, out, _ = _run(capsys, key, "--hardware", "h100")
+    assert code == 0 and load_model(key).name in out and "NVIDIA H100 SXM" in out
+
+
 def test_cli_table_lists_every_catalog_chip(capsys):
     code, out, _ = _run(capsys, "v4-flash", "--batch", "8", "--context", "65536")
     assert code == 0
