@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from moela.config import ModelConfig
-from moela.generate import BatchDecoder
+from moela.engine.runner import Runner
+from moela.engine.sequence import Sequence
+from moela.sampling import SamplingParams
 from moela.loader import load_model
 
 PUBLIC = {  # the fields of the public config.json files that set the cache size
@@ -46,9 +48,10 @@ def measured(tmp: Path, n_tokens: int = 40) -> dict[str, float]:
     past = hf(torch.tensor([ids]), use_cache=True).past_key_values
     hf_bytes = sum(t.numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values))
     model = load_model(tmp, dtype=torch.float32)
-    dec = BatchDecoder(model, n_seqs=1, max_len=n_tokens, block_size=n_tokens)  # one block = exactly n tokens
-    dec.step([ids])
-    ours = sum(c.numel() * c.element_size() for c in dec.caches)
+    runner = Runner(model, num_blocks=1, block_size=n_tokens)  # one block = exactly the n tokens
+    seq = Sequence("r", 0, ids, n_tokens, SamplingParams(), None, None, block_table=[0])
+    runner.execute([(seq, n_tokens)])
+    ours = sum(c.numel() * c.element_size() for c in runner.caches)
     return {"moela": ours / n_tokens, "transformers_5": hf_bytes / n_tokens}
 
 

@@ -14,13 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from moela.errors import MoelaError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -57,40 +53,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moela.config import ModelConfig
-    from moela.generate import generate
-    from moela.loader import load_model
+    from moela.config import DEFAULT_MODEL_DIR, ModelConfig
+    from moela.engine.llm import EngineConfig, LLMEngine
     from moela.sampling import SamplingParams
-    from moela.tokenizer import Tokenizer
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
-    path = Path(args.model) if args.model else DEFAULT_MODEL
+    path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not path.exists():
         raise MoelaError(f"{path}: no such model directory")
-    cfg = ModelConfig.from_pretrained(path)  # an unsupported model fails before anything is read
-    tok = Tokenizer.from_pretrained(path)
-    model = load_model(path, dtype=DTYPES[args.dtype], cfg=cfg)
+    ModelConfig.from_pretrained(path)  # an unsupported model fails before anything else is read
+    engine = LLMEngine(EngineConfig(model=path, dtype=args.dtype, max_num_seqs=1))
+    tok = engine.tokenizer
     if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt = tok.encode(text, add_special_tokens=False)
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]), add_special_tokens=False)
     else:
         prompt = tok.encode(args.prompt)
-    if not prompt:
-        raise MoelaError("the prompt encodes to no tokens")
-    eos = tuple(model.cfg.eos_token_ids) + ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    stream = tok.stream()
-    count, start = 0, time.perf_counter()
-
-    def on_token(_: int, token: int) -> None:
-        nonlocal count
-        count += 1
-        print(stream.step(token), end="", flush=True)
-
-    generate(model, [prompt], params, eos_ids=eos, on_token=on_token)
-    elapsed = time.perf_counter() - start
-    print(stream.flush(), flush=True)
-    print(f"[{count} tokens in {elapsed:.2f}s: {count / elapsed:.1f} tokens/s, prompt {len(prompt)} tokens]", file=sys.stderr)
+    max_tokens = min(args.max_tokens, engine.max_model_len - len(prompt))
+    if max_tokens < 1:
+        raise MoelaError(f"the prompt ({len(prompt)} tokens) fills the model's context ({engine.max_model_len})")
+    params.max_tokens = max_tokens
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    out = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.outputs[0].delta_text, end="", flush=True)
+    print(flush=True)
+    n, m = len(out.outputs[0].token_ids), out.metrics
+    decode = f", decode {(n - 1) / m.decode_time:.1f} tokens/s" if n > 1 and m.decode_time else ""
+    print(f"[{n} tokens in {time.perf_counter() - start:.2f}s, first token after {m.time_to_first_token:.2f}s{decode};"
+          f" prompt {len(prompt)} tokens]", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from moela.errors import ConfigError
 
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")

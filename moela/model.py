@@ -34,6 +34,7 @@ class StepContext:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
     naive_prefill: bool = True  # decompress K/V for prompts with no cached prefix
     q_starts: list[int] = field(init=False)
+    absorbed_plan: list | None = None  # gather/mask plan of the absorbed path, built once per step by ops
 
     def __post_init__(self) -> None:
         self.q_starts = [0]
@@ -45,6 +46,16 @@ class StepContext:
         """Full sequences with no cache: training, scoring, or a first prefill."""
         positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
         return cls(positions=positions, q_lens=list(seq_lens), kv_lens=list(seq_lens))
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias; a single row goes through ops.linear's matrix-vector path."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -110,15 +121,15 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         q_out = cfg.num_attention_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(cfg.hidden_size, q_out, bias=False)
+            self.wq = Linear(cfg.hidden_size, q_out)
         else:
-            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank)
             self.q_norm = RMSNorm(cfg.q_lora_rank)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
-        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, q_out)
+        self.wkv_a = Linear(cfg.hidden_size, cfg.latent_dim)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wo = Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, latent_dim], set by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -155,20 +166,31 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), is_causal=True, scale=self.softmax_scale)
         return o.transpose(0, 1)  # [S, h, v]
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b split per head into contiguous w_uk [h, d, c] and w_uv^T [h, c, v], rebuilt if wkv_b changes."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_absorbed_key", None) != key:
+            wkv_b = w.detach().view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + v, c]
+            self._w_uk = wkv_b[:, : self.qk_nope_head_dim].contiguous()
+            self._w_uv_t = wkv_b[:, self.qk_nope_head_dim :].transpose(1, 2).contiguous()
+            self._absorbed_key = key
+        return self._w_uk, self._w_uv_t
+
     def absorbed(self, q_nope, q_pe, latent, ctx: StepContext, seqs: list[int], out: torch.Tensor) -> None:
         """Attention in latent space: wkv_b's K part folded into q, its V part applied after."""
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + v, c]
-        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, c]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, c + r]: scores = q . [c_kv | k_pe]
         for rows, keys, mask in ops.latent_batches(self.kv_cache, latent, ctx, seqs):
             # rows: [b, n] token indices (-1 = pad), keys: [b, s, c + r], mask: [b, n, s] True = attend
-            idx = rows.clamp(min=0)
-            scores = torch.einsum("bnhc,bsc->bnhs", q_lat[idx], keys[..., : self.kv_lora_rank])
-            scores = scores + torch.einsum("bnhr,bsr->bnhs", q_pe[idx], keys[..., self.kv_lora_rank :])
+            b, n = rows.shape
+            qb = q[rows.clamp(min=0)].flatten(1, 2)  # [b, n*h, c + r]
+            scores = torch.bmm(qb, keys.transpose(1, 2)).view(b, n, self.n_heads, -1)  # [b, n, h, s]
             scores = (scores.float() * self.softmax_scale).masked_fill(~mask[:, :, None, :], float("-inf"))
-            probs = scores.softmax(dim=-1).to(keys.dtype)
-            o = torch.einsum("bnhs,bsc->bnhc", probs, keys[..., : self.kv_lora_rank])
-            o = torch.einsum("bnhc,hvc->bnhv", o, w_uv)
+            probs = scores.softmax(dim=-1).to(keys.dtype).flatten(1, 2)  # [b, n*h, s]
+            o = torch.bmm(probs, keys[..., : self.kv_lora_rank]).view(b * n, self.n_heads, -1)  # [b*n, h, c]
+            o = torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1).view(b, n, self.n_heads, -1)  # [b, n, h, v]
             valid = rows >= 0
             out[rows[valid]] = o[valid]
 
@@ -178,8 +200,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w13 = Linear(dim, 2 * inter_dim)
+        self.w2 = Linear(inter_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.w13(x).chunk(2, dim=-1)
@@ -227,15 +249,15 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)  # [T*k] slots sorted by expert
-        counts = torch.bincount(indices.flatten(), minlength=self.w13.shape[0]).tolist()
+        counts = torch.bincount(indices.flatten(), minlength=len(self.w13)).tolist()
         token = order // k
         xs = x[token]
         ys = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                g, u = F.linear(xs[start : start + n], self.w13[e]).chunk(2, dim=-1)
-                ys[start : start + n] = F.linear(F.silu(g) * u, self.w2[e])
+                g, u = ops.linear(xs[start : start + n], self.w13[e]).chunk(2, dim=-1)
+                ys[start : start + n] = ops.linear(F.silu(g) * u, self.w2[e])
                 start += n
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         out.index_add_(0, token, ys.float() * weights.flatten()[order, None])
@@ -276,7 +298,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.init_rope()
 
     def init_rope(self) -> None:
@@ -295,7 +317,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(hidden, weight)
+        return ops.linear(hidden, weight)
 
     def attach_cache(self, caches: list[torch.Tensor] | None) -> None:
         """Give each MLA layer its latent cache [num_blocks, block_size, latent_dim] (None detaches)."""

@@ -83,6 +83,40 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+class Stepper:
+    """Teacher-forced steps on the engine's paged latent cache: each sequence appends the given tokens."""
+
+    def __init__(self, model, n_seqs: int, num_blocks: int = 64, block_size: int = 4):
+        from moela.engine.cache import BlockManager
+        from moela.engine.runner import Runner
+        from moela.engine.sequence import Sequence
+        from moela.sampling import SamplingParams
+
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.runner = Runner(model, num_blocks, block_size)
+        self.seqs = [Sequence(str(i), 0, [], 0, SamplingParams(), None, None) for i in range(n_seqs)]
+
+    def step(self, new_tokens: list[list[int]]) -> torch.Tensor:
+        """Returns the logits of each sequence's last token [n_seqs, vocab]."""
+        batch = []
+        for seq, toks in zip(self.seqs, new_tokens):
+            seq.token_ids += toks
+            assert self.blocks.ensure(seq, len(seq.token_ids))
+            batch.append((seq, len(toks)))
+        logits, _ = self.runner.execute(batch)
+        for seq, n in batch:
+            seq.num_computed += n
+        return logits
+
+
+def engine_for(path: Path, **kwargs):
+    from moela.engine.llm import EngineConfig, LLMEngine
+
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("skip_tokenizer_init", not (path / "tokenizer.json").exists())
+    return LLMEngine(EngineConfig(model=path, **kwargs))
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 

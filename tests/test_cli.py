@@ -4,14 +4,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import build_hf, edit_config, make_tokenizer
+from moela import LLM, SamplingParams
 from moela.cli import main
-from moela.generate import generate
-from moela.loader import load_model
-from moela.sampling import SamplingParams
-from moela.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +21,8 @@ def model_dir(tmp_path_factory):
 def test_generate_streams_greedy_text(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--max-tokens", "12", "--dtype", "float32", "def fib"]) == 0
     out, err = capsys.readouterr()
-    tok = Tokenizer.from_pretrained(model_dir)
-    ids = generate(load_model(model_dir, dtype=torch.float32), [tok.encode("def fib")],
-                   SamplingParams(temperature=0, max_tokens=12), eos_ids=(1,))[0]
-    assert out == tok.decode(ids) + "\n"
+    ref = LLM(model=model_dir, dtype="float32").generate("def fib", SamplingParams(temperature=0, max_tokens=12))
+    assert out == ref[0].outputs[0].text + "\n"
     assert "tokens/s" in err
 
 

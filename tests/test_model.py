@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import VARIANTS, rel_err
-from moela.generate import BatchDecoder, generate
+from conftest import VARIANTS, Stepper, engine_for, rel_err
 from moela.loader import load_model
 from moela.model import StepContext
 from moela.sampling import SamplingParams
@@ -39,7 +38,7 @@ def test_decode_on_latent_cache_matches_transformers(variant, hf_checkpoint):
     full = prompts(2, tuple(n + 16 for n in lengths))
     with torch.no_grad():
         refs = [hf(torch.tensor([s])).logits[0] for s in full]
-    dec = BatchDecoder(model, n_seqs=2, max_len=64, block_size=4)  # small blocks: a sequence spans many
+    dec = Stepper(model, n_seqs=2, block_size=4)  # small blocks: a sequence spans many
     logits = dec.step([s[:n] for s, n in zip(full, lengths)])
     for step in range(17):
         for i, n in enumerate(lengths):
@@ -67,8 +66,8 @@ def test_chunked_prefill_on_cache_matches_one_shot(hf_checkpoint):
     path, _ = hf_checkpoint("v3")
     model = load_model(path, dtype=torch.float32)
     (seq,) = prompts(4, (30,))
-    one = BatchDecoder(model, 1, 32).step([seq])
-    dec = BatchDecoder(model, 1, 32, block_size=8)
+    one = Stepper(model, 1, block_size=64).step([seq])
+    dec = Stepper(model, 1, block_size=8)
     for a, b in ((0, 7), (7, 19), (19, 30)):
         chunked = dec.step([seq[a:b]])
     assert rel_err(chunked, one) < TOL
@@ -77,22 +76,16 @@ def test_chunked_prefill_on_cache_matches_one_shot(hf_checkpoint):
 @pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3", "v3_yarn"])
 def test_greedy_generation_equals_transformers(variant, hf_checkpoint):
     path, hf = hf_checkpoint(variant)
-    model = load_model(path, dtype=torch.float32)
+    engine = engine_for(path)
     seqs = prompts(5, (10, 4))
-    ours = generate(model, seqs, SamplingParams(temperature=0, max_tokens=32), eos_ids=())
-    for s, out in zip(seqs, ours):
+    ids = [engine.add_request(s, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)) for s in seqs]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    for s, rid in zip(seqs, ids):
         ref = hf.generate(torch.tensor([s]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                           pad_token_id=0, attention_mask=torch.ones(1, len(s), dtype=torch.long))
-        assert out == ref[0, len(s):].tolist()
-
-
-def test_generation_stops_at_eos(hf_checkpoint):
-    path, _ = hf_checkpoint("v3")
-    model = load_model(path, dtype=torch.float32)
-    (seq,) = prompts(6, (8,))
-    free = generate(model, [seq], SamplingParams(temperature=0, max_tokens=12))[0]
-    stopped = generate(model, [seq], SamplingParams(temperature=0, max_tokens=12), eos_ids=(free[3],))[0]
-    assert stopped == free[: free.index(free[3]) + 1]
+        assert done[rid].outputs[0].token_ids == ref[0, len(s):].tolist()
 
 
 def test_bf16_model_close_to_fp32(hf_checkpoint):
@@ -107,13 +100,3 @@ def test_bf16_model_close_to_fp32(hf_checkpoint):
     # bf16 may flip a near-tied routing decision on a token, so compare typical error, not the worst
     assert ((outs[1] - outs[0]).abs().mean() / outs[0].abs().mean()).item() < 0.05
     assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.8
-
-
-def test_seeded_sampling_is_reproducible(hf_checkpoint):
-    path, _ = hf_checkpoint("v2")
-    model = load_model(path, dtype=torch.float32)
-    seqs = prompts(8, (6,))
-    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=10, seed=123)
-    a = generate(model, seqs, params)[0]
-    assert a == generate(model, seqs, params)[0]
-    assert a != generate(model, seqs, SamplingParams(temperature=1.0, max_tokens=10, seed=124))[0]

@@ -1,0 +1,106 @@
+"""Scheduler: continuous batching with chunked prefill under a token budget, preemption by recompute.
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048), block_manager)
+    sched.add(seq)
+    batch = sched.schedule()        # [(seq, n_new_tokens)]: decodes first, then prefill chunks
+    ...run the model, append sampled tokens...
+    sched.finish(seq)               # frees its blocks at once
+
+Running sequences are served first (one token each when decoding, the next chunk when a prompt is
+still being prefilled), then waiting ones in arrival order while the budget and free blocks last.
+When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
+back to the head of the queue to be recomputed (its tokens so far are kept, so greedy output is
+unchanged).
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from moela.engine.cache import BlockManager
+from moela.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: must be an integer >= 1")
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the prefix cache
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget, batch = self.cfg.max_num_batched_tokens, []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            while not self.blocks.ensure(seq, seq.num_computed + n):
+                self.preempt(self.running[-1])
+                if seq.status != Status.RUNNING:
+                    break
+            if seq.status != Status.RUNNING:
+                break
+            batch.append((seq, n))
+            budget -= n
+            i += 1
+        return batch + self._admit(budget)
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        batch = []
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
+            if not self._ready(seq):
+                continue
+            cached = 0 if seq.params.prompt_logprobs is not None else self.blocks.allocate_prefix(seq)
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self.blocks.ensure(seq, seq.num_computed + n):
+                self.blocks.free(seq)
+                break
+            self.prefix_queries += len(seq.token_ids)
+            self.prefix_hits += cached
+            seq.num_cached_prompt = min(cached, seq.num_prompt_tokens)
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _ready(self, seq: Sequence) -> bool:
+        """A request's extra samples wait until its first sample has prefilled, to share its blocks."""
+        first = seq.first_sibling
+        return first is None or first.finished or (first.status == Status.RUNNING and not first.in_prefill)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.FINISHED
