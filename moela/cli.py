@@ -1,9 +1,10 @@
-"""The `moela` command: generate | cost | train.
+"""The `moela` command: generate | bench | cost | train.
 
     moela generate "def fibonacci(n):"                   # the embedded default model
     moela generate --model DIR --chat --max-tokens 64 "Hello"
     moela cost deepseek-v3 --hardware h100               # see moela/cost_cli.py
     moela train ...                                      # see moela/train/cli.py
+    moela bench --shape bench-1b                         # see moela/bench.py
 
 Bad input (a missing path, an unsupported model, a corrupt checkpoint) prints one line and exits 1.
 """
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "cost":
         from moela.cost_cli import main as cost_main
         return cost_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from moela.bench import main as bench_main
+        return bench_main(argv[1:])
     if argv and argv[0] == "train":
         from moela.train.cli import main as train_main
         return train_main(argv[1:])
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("cost", help="memory planner and cost model (moela cost --help)")
     sub.add_parser("train", help="train a model (moela train --help)")
+    sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory (default: the embedded default model)")

@@ -165,7 +165,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     for m in model.modules():
         if isinstance(m, Gate) and m.bias is not None:
             m.bias = m.bias.float()
-    model.init_rope()
+    model.init_buffers()
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
     files = sorted({f for f, _ in plan.values()})

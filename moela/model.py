@@ -245,11 +245,14 @@ class Experts(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.register_buffer("load", torch.zeros(n_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)  # [T*k] slots sorted by expert
-        counts = torch.bincount(indices.flatten(), minlength=len(self.w13)).tolist()
+        load = torch.bincount(indices.flatten(), minlength=len(self.w13))
+        self.load += load  # tokens routed to each expert since start-up (metrics, balancing)
+        counts = load.tolist()
         token = order // k
         xs = x[token]
         ys = torch.empty_like(xs)
@@ -299,12 +302,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.init_rope()
+        self.init_buffers()
 
-    def init_rope(self) -> None:
-        """(Re)compute the rope buffers; call after building on the meta device."""
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers (rope frequencies, expert load counters); call after
+        building on the meta device and materializing with to_empty."""
         inv_freq, self.rope_scale = rope_inv_freq(self.cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(self.embed.weight.device), persistent=False)
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.load.zero_()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """tokens, positions: [T] -> final-normed hidden states [T, hidden_size]."""

@@ -235,6 +235,10 @@ class LLMEngine:
                 entry.update({int(i): float(v) for i, v in zip(top.indices, top.values)})
             seq.prompt_logprobs.append(entry)
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert since start-up, per MoE layer."""
+        return {i: layer.ffn.experts.load.tolist() for i, layer in enumerate(self.model.layers) if hasattr(layer.ffn, "experts")}
+
     def stats(self) -> dict:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": self.blocks.usage(),

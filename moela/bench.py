@@ -1,0 +1,202 @@
+"""Throughput of moela vs transformers `generate` on the same random weights, with the bandwidth roofline.
+
+    moela bench                                         # bench-1b, batches 1 8 32, 128-token prompts, 64 new
+    moela bench --shape tiny --batches 1 4 --skip-hf
+    python bench/throughput.py ...                      # the same, from a checkout
+
+Needs transformers (the `test` extra) for the baseline and to write the random checkpoint.
+
+One checkpoint is written to a temporary directory, then each engine runs in its own subprocess (so
+each peak RSS is its own) on the same prompts. Throughput = generated tokens / wall time of the whole
+generate call. The roofline divides the bytes one decode step must read (all non-expert weights,
+the routed experts a batch of B tokens is expected to touch, E * (1 - (1 - k/E)^B) per layer, and
+the cached latents) by the copy bandwidth measured here. Writes bench/results/throughput-<shape>-<date>.json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                     num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
+                     q_lora_rank=384, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                     n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                 first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                 qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4,
+                 n_shared_experts=1, n_group=4, topk_group=2),
+}
+
+
+def write_checkpoint(shape: str, path: Path) -> None:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**SHAPES[shape], max_position_embeddings=4096, hidden_act="silu", bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if "norm" not in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+            if "norm" not in name:
+                p.mul_(p.shape[-1] ** -0.5 if "embed" not in name else 1.0)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.zero_()
+    model.save_pretrained(path)
+
+
+def copy_bandwidth() -> float:
+    """Bytes moved per second (read + write) by a large tensor copy, best of 5."""
+    src = torch.ones(256 * 2**20, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def decode_bytes(model, batch: int, context: int) -> float:
+    """Bytes one decode step reads: non-expert weights, expected distinct routed experts, cached latents."""
+    cfg, total, experts = model.cfg, 0, 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            experts += p.numel() * p.element_size()
+        elif name != "embed.weight" or model.head is None:
+            total += p.numel() * p.element_size()
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = E * (1 - (1 - k / E) ** batch)
+    kv = batch * context * cfg.latent_dim * cfg.num_hidden_layers * model.embed.weight.element_size()
+    return total + experts * touched / E + kv
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(2, vocab, (batch, length), generator=g).tolist()
+
+
+def run_moela(path: Path, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+    from moela import LLM, SamplingParams
+
+    llm = LLM(model=path, dtype="bfloat16", max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
+              skip_tokenizer_init=True, enable_prefix_caching=False)
+    engine, results = llm.engine, {}
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts(1, 16, llm.engine.model_cfg.vocab_size), SamplingParams(max_tokens=4))  # warm-up
+    for b in batches:
+        ps = prompts(b, prompt_len, engine.model_cfg.vocab_size)
+        t0 = time.perf_counter()
+        for p in ps:
+            engine.add_request(p, params)
+        steps = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            prefill = any(seq.in_prefill for seq in engine.scheduler.waiting) or any(s.in_prefill for s in engine.scheduler.running)
+            engine.step()
+            steps.append((prefill, time.perf_counter() - t))
+        wall = time.perf_counter() - t0
+        decode = [t for pre, t in steps if not pre]
+        prefill_time = sum(t for pre, t in steps if pre)
+        results[b] = {"tokens_per_s": b * new_tokens / wall, "wall_s": wall, "decode_step_ms": 1e3 * sorted(decode)[len(decode) // 2],
+                      "prefill_tokens_per_s": b * prompt_len / prefill_time,
+                      "roofline_bytes": decode_bytes(engine.model, b, prompt_len + new_tokens // 2)}
+    return {"results": results, "kv_bytes_per_token": engine.bytes_per_token, "peak_rss_mb": _rss_mb()}
+
+
+def run_hf(path: Path, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    vocab, results = model.config.vocab_size, {}
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(torch.tensor(prompts(1, 16, vocab)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for b in batches:
+            ids = torch.tensor(prompts(b, prompt_len, vocab))
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            wall = time.perf_counter() - t0
+            assert out.shape[1] == prompt_len + new_tokens
+            results[b] = {"tokens_per_s": b * new_tokens / wall, "wall_s": wall}
+        past = model(torch.tensor(prompts(1, 64, vocab)), use_cache=True).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values)) / 64
+    return {"results": results, "kv_bytes_per_token": kv, "peak_rss_mb": _rss_mb()}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    fn = run_moela if args.engine == "moela" else run_hf
+    print(json.dumps(fn(Path(args.checkpoint), args.batches, args.prompt_len, args.new_tokens)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moela bench", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bench-1b")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--skip-hf", action="store_true", help="measure moela only")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON result")
+    p.add_argument("--engine", choices=["moela", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.engine:
+        child(args)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(args.shape, Path(tmp))
+        common = [sys.executable, "-m", "moela.bench", "--checkpoint", tmp, "--prompt-len", str(args.prompt_len), "--new-tokens",
+                  str(args.new_tokens), "--threads", str(args.threads), "--batches", *map(str, args.batches)]
+        runs = {e: json.loads(subprocess.run(common + ["--engine", e], check=True, capture_output=True, text=True).stdout)
+                for e in (["moela"] if args.skip_hf else ["moela", "hf"])}
+    report(args, runs, copy_bandwidth())
+    return 0
+
+
+def report(args: argparse.Namespace, runs: dict, bandwidth: float) -> None:
+    ours, hf = runs["moela"], runs.get("hf")
+    print(f"{args.shape}: bf16, {args.threads} threads, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'batch':>5} {'moela tok/s':>12} {'hf tok/s':>9} {'ratio':>6} {'decode ms':>10} {'roofline ms':>12} "
+          f"{'of roofline':>12} {'prefill tok/s':>14}")
+    for b in map(str, args.batches):
+        r = ours["results"][b]
+        floor_ms = 1e3 * r["roofline_bytes"] / bandwidth
+        r["roofline_step_ms"], r["fraction_of_roofline"] = floor_ms, floor_ms / r["decode_step_ms"]
+        h = hf["results"][b]["tokens_per_s"] if hf else float("nan")
+        r["speedup_vs_hf"] = r["tokens_per_s"] / h if hf else None
+        print(f"{b:>5} {r['tokens_per_s']:>12.1f} {h:>9.1f} {r['tokens_per_s'] / h:>6.2f} {r['decode_step_ms']:>10.1f} "
+              f"{floor_ms:>12.1f} {floor_ms / r['decode_step_ms']:>12.0%} {r['prefill_tokens_per_s']:>14.0f}")
+    print(f"KV bytes/token: moela {ours['kv_bytes_per_token']:,.0f}" + (f", transformers {hf['kv_bytes_per_token']:,.0f}" if hf else ""))
+    print(f"peak RSS MB: moela {ours['peak_rss_mb']:,.0f}" + (f", transformers {hf['peak_rss_mb']:,.0f}" if hf else ""))
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    out = Path(args.out) / f"throughput-{args.shape}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "moela bench " + " ".join(args.argv), "date": date,
+                               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+                               "copy_bandwidth_gb_s": bandwidth / 1e9, "args": vars(args), "runs": runs}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
