@@ -35,7 +35,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     for m in model.modules():
         if isinstance(m, Gate) and m.bias is not None:
             m.bias = torch.zeros(cfg.n_routed_experts)  # fp32, as the loader keeps it
-    model.init_rope()
+    model.init_buffers()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
