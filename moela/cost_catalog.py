@@ -186,5 +186,5 @@ def measure_local() -> Hardware:
                          f"{threads} threads",
         "bf16": f"measured now: best of 3 torch bf16 2048x2048 matmuls, {threads} threads",
     }
-    return Hardware(f"this machine (CPU, {threads} threads)", memory / 1e9, bandwidth / 1e12,
+    return Hardware(f"this machine (CPU, {threads} torch thread{'s' * (threads > 1)})", memory / 1e9, bandwidth / 1e12,
                     {"bf16": flops / 1e12}, sources)

@@ -6,6 +6,7 @@
     moela cost v2-lite --hardware h100 --plot v2lite.png    # throughput vs batch, memory vs context
     moela cost path/to/config.json                          # any DeepSeek-V2/V3/V3.2/V4 or Kimi K2 config
     moela cost bench-1b --measure                           # moela's decode tokens/s here vs the roofline
+    OMP_NUM_THREADS=1 moela cost bench-1b --measure         # on a CPU busy with other work
     python -m moela.cost_cli deepseek-v3                    # the same without the `moela` entry point
 
 Formulas live in moela.cost, configs and chip figures in moela.cost_catalog. Prices are per device-hour

@@ -124,6 +124,14 @@ def test_flops_by_hand():
     assert b - a == pytest.approx(61 * 2 * 64 * 128 * 10_000)
 
 
+def test_prompt_mean_of_capped_keys():
+    mean = cost._prompt_mean(10)
+    assert mean(math.inf, 1) == pytest.approx(5.5)  # positions 1..10
+    assert mean(4, 1) == pytest.approx((1 + 2 + 3 + 4 + 6 * 4) / 10)
+    assert mean(math.inf, 4) == pytest.approx(5.5 / 4)
+    assert cost._point(10)(4, 1) == 4 and cost._point(10)(math.inf, 4) == 2.5
+
+
 def test_kv_read_values():
     v3, v32 = load_model("v3").shape, load_model("v3.2").shape
     assert cost.kv_read_values(v3, 4096) == 61 * 576 * 4096
