@@ -36,9 +36,11 @@ class Settings:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moela cost", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="moela cost", description="Will a DeepSeek model fit on my hardware, how many "
+                                "users can I serve, how fast, at what cost? (roofline estimates)")
     p.add_argument("model", help="catalog name (deepseek-v3, r1, v4-pro, kimi-k2, bench-1b, ...) or a config.json")
-    p.add_argument("--hardware", help=f"one chip (default: all of them): {', '.join(hardware_names())}")
+    p.add_argument("--hardware", help=f"one chip (default: every catalog chip; 'local' measures this machine): "
+                                      f"{', '.join(hardware_names())}")
     p.add_argument("--batch", type=int, help="sequences decoded together (default 32; 1 with --measure)")
     p.add_argument("--context", type=int, help="tokens of context per sequence (default 4096; 128 with --measure)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight dtype (default bf16)")

@@ -39,7 +39,10 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=gen)
+            if p.dim() == 1:  # norm weights
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
     return model.eval()
 
 

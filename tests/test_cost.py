@@ -95,12 +95,12 @@ def test_model_config_helper_gives_the_catalog_shape():
 
 
 def test_v4_layer_types_from_checkpoint_ratios():
-    cfg = dict(load_model("v4-flash").config)
-    counts = cfg.pop("layer_type_counts")
-    cfg["compress_ratios"] = [0, 0] + [4, 128] * 20 + [4, 0]  # L + 1 entries; the last is dropped
-    assert shape_from_config("x", cfg) == load_model("v4-flash").shape.__class__(
-        **{**load_model("v4-flash").shape.__dict__, "name": "x"})
-    assert counts == {"sliding_attention": 2, "compressed_sparse_attention": 21, "heavily_compressed_attention": 20}
+    flash = load_model("v4-flash")
+    config = {k: v for k, v in flash.config.items() if k != "layer_type_counts"}
+    config["compress_ratios"] = [0, 0] + [4, 128] * 20 + [4, 0]  # L + 1 entries; the last is dropped
+    assert shape_from_config(flash.key, config) == flash.shape
+    config["layer_types"] = ["heavily_compressed_attention"] * 43
+    assert shape_from_config(flash.key, config).n_hca_layers == 43
 
 
 def test_expected_experts():
@@ -235,6 +235,15 @@ def test_cli_table_lists_every_catalog_chip(capsys):
     assert code == 0
     assert "69,120" not in out and "6,880" in out and "fixed per sequence" in out
     assert all(load_hardware(k).name in out for k in hardware_names()[:-1])
+
+
+def test_cli_reads_a_config_json(tmp_path, capsys):
+    config = dict(load_model("v4-flash").config)
+    del config["layer_type_counts"]
+    config["compress_ratios"] = [0, 0] + [4, 128] * 20 + [4, 0]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, _ = _run(capsys, str(tmp_path), "--json", "--hardware", "h20")
+    assert code == 0 and json.loads(out)["model"]["params"]["total"] == 284_332_230_231
 
 
 def test_cli_unknown_model_and_chip(capsys):
