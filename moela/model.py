@@ -163,8 +163,7 @@ class MLA(nn.Module):
         k_pe = latent[:, None, self.kv_lora_rank :].expand(S, self.n_heads, self.qk_rope_head_dim)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [h, S, d + r]
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), is_causal=True, scale=self.softmax_scale)
-        return o.transpose(0, 1)  # [S, h, v]
+        return ops.causal_attention(q, k, v.transpose(0, 1), self.softmax_scale).transpose(0, 1)  # [S, h, v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """wkv_b split per head into contiguous w_uk [h, d, c] and w_uv^T [h, c, v], rebuilt if wkv_b changes."""
@@ -262,9 +261,9 @@ class Experts(nn.Module):
                 g, u = ops.linear(xs[start : start + n], self.w13[e]).chunk(2, dim=-1)
                 ys[start : start + n] = ops.linear(F.silu(g) * u, self.w2[e])
                 start += n
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, token, ys.float() * weights.flatten()[order, None])
-        return out.to(x.dtype)
+        by_token = torch.empty_like(ys)
+        by_token[order] = ys  # back to token-major: [T*k, d] = [T, k, d]
+        return torch.bmm(weights[:, None, :].to(x.dtype), by_token.view(-1, k, x.shape[1]))[:, 0]  # [T, d]
 
 
 class MoE(nn.Module):

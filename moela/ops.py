@@ -18,6 +18,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v for one sequence: q, k [h, S, dk], v [h, S, dv] -> [h, S, dv].
+
+    Plain bmm + fp32 softmax, queries in chunks so the scores stay [h, chunk, S]; on CPU this beats
+    scaled_dot_product_attention's kernel 2-5x for MLA's 192/128 head dims.
+    """
+    S = q.shape[1]
+    out = q.new_empty(q.shape[0], S, v.shape[-1])
+    for a in range(0, S, chunk):
+        b = min(a + chunk, S)
+        scores = torch.bmm(q[:, a:b], k[:, :b].transpose(1, 2)).float() * scale  # [h, b - a, b]
+        future = torch.arange(b, device=q.device)[None, :] > torch.arange(a, b, device=q.device)[:, None]
+        probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+        out[:, a:b] = torch.bmm(probs, v[:, :b])
+    return out
+
+
 def store_latent(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
     cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
 

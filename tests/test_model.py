@@ -100,3 +100,13 @@ def test_bf16_model_close_to_fp32(hf_checkpoint):
     # bf16 may flip a near-tied routing decision on a token, so compare typical error, not the worst
     assert ((outs[1] - outs[0]).abs().mean() / outs[0].abs().mean()).item() < 0.05
     assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.8
+
+
+def test_causal_attention_chunks_match_sdpa():
+    from moela.ops import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 37, d, generator=g) for d in (24, 24, 16))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    for chunk in (5, 16, 512):
+        assert rel_err(causal_attention(q, k, v, 0.3, chunk=chunk), ref) < 1e-5

@@ -92,6 +92,7 @@ class LLMEngine:
         self.model = model or load_model(path, dtype=DTYPES[cfg.dtype], cfg=self.model_cfg)
         if cfg.backend == "auto" and cpu.supported(self.model):
             cpu.prepack(self.model)
+            cpu.tune_allocator()
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
         self.block_size = cfg.block_size
         dtype_bytes = self.model.embed.weight.element_size()
