@@ -45,14 +45,14 @@ def latent_batches(cache: torch.Tensor | None, latent: torch.Tensor, ctx, seqs: 
     Single-token (decode) sequences are batched together, padded to the longest context; other
     sequences (chunks after a cached prefix) come one at a time. rows holds each query's index in
     the packed token stream (-1 for padding); mask is True where a query may attend a key. The
-    index plan is built once per step (it is the same for every layer); keys are gathered per layer.
+    index plan is built once per step (it is the same for every layer); keys are gathered per layer,
+    whole blocks at a time (position p of a sequence is row p of its gathered blocks).
     """
     if ctx.absorbed_plan is None:
         ctx.absorbed_plan = _plan(ctx, seqs, None if cache is None else cache.shape[1], latent.device)
     if cache is None:  # no cache: each sequence attends only its own new tokens
         return [(rows, latent[rows.clamp(min=0)], mask) for rows, _, mask in ctx.absorbed_plan]
-    flat = cache.view(-1, cache.shape[-1])
-    return [(rows, flat[slots], mask) for rows, slots, mask in ctx.absorbed_plan]
+    return [(rows, cache[tables].flatten(1, 2), mask) for rows, tables, mask in ctx.absorbed_plan]
 
 
 def _plan(ctx, seqs: list[int], block_size: int | None, device: torch.device) -> list[tuple]:
@@ -64,6 +64,8 @@ def _plan(ctx, seqs: list[int], block_size: int | None, device: torch.device) ->
         kv_lens = torch.tensor([ctx.kv_lens[i] for i in group], device=device)
         starts = torch.tensor([ctx.q_starts[i] for i in group], device=device)
         n, s = int(q_lens.max()), int(kv_lens.max())
+        if block_size is not None:
+            s = -(-s // block_size) * block_size  # keys come in whole blocks
         j = torch.arange(n, device=device)[None, :]  # [1, n] query index within its sequence
         rows = torch.where(j < q_lens[:, None], starts[:, None] + j, -1)  # [b, n]
         q_pos = (kv_lens - q_lens)[:, None] + j  # [b, n] absolute position of each query
@@ -71,9 +73,8 @@ def _plan(ctx, seqs: list[int], block_size: int | None, device: torch.device) ->
         mask = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_lens[:, None, None])  # [b, n, s]
         if block_size is None:
             assert bool((q_lens == kv_lens).all()), "a cached prefix needs a cache"
-            slots = None
+            tables = None
         else:
-            tables = ctx.block_tables[group]  # [b, max_blocks]
-            slots = tables[:, pos // block_size] * block_size + pos % block_size  # [b, s]
-        plan.append((rows, slots, mask))
+            tables = ctx.block_tables[group][:, : s // block_size]  # [b, blocks]; padding rows are masked
+        plan.append((rows, tables, mask))
     return plan
