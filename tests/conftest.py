@@ -117,6 +117,15 @@ def engine_for(path: Path, **kwargs):
     return LLMEngine(EngineConfig(model=path, **kwargs))
 
 
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory) -> Path:
+    """A tiny random V3 checkpoint with a byte-level BPE tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("text_model")
+    build_hf("v3", vocab_size=320).save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 

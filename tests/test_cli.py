@@ -5,17 +5,14 @@ import sys
 
 import pytest
 
-from conftest import build_hf, edit_config, make_tokenizer
+from conftest import edit_config
 from moela import LLM, SamplingParams
 from moela.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_model")
-    build_hf("v3", vocab_size=320).save_pretrained(path)
-    make_tokenizer(path)
-    return path
+@pytest.fixture
+def model_dir(text_model):
+    return text_model
 
 
 def test_generate_streams_greedy_text(model_dir, capsys):

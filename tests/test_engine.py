@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import build_hf, engine_for, make_tokenizer
+from conftest import engine_for
 from moela import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -175,14 +175,6 @@ def test_min_tokens_stop_token_ids_and_eos(hf_checkpoint):
     assert out.finish_reason == "stop" and out.token_ids == free[: free.index(stop_tok) + 1]
     held = run(engine, {0: [(prompt, SamplingParams(temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[stop_tok]))]})[0].outputs[0]
     assert len(held.token_ids) == 12 and stop_tok not in held.token_ids and held.finish_reason == "length"
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text_model")
-    build_hf("v3", vocab_size=320).save_pretrained(path)
-    make_tokenizer(path)
-    return path
 
 
 def test_stop_string_spanning_tokens_cuts_the_text(text_model):
