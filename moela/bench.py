@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from moela.cost import expected_experts
+
 SHAPES = {
     "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
                      num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
@@ -78,10 +80,9 @@ def decode_bytes(model, batch: int, context: int) -> float:
             experts += p.numel() * p.element_size()
         elif name != "embed.weight" or model.head is None:
             total += p.numel() * p.element_size()
-    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    touched = E * (1 - (1 - k / E) ** batch)
+    touched = expected_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
     kv = batch * context * cfg.latent_dim * cfg.num_hidden_layers * model.embed.weight.element_size()
-    return total + experts * touched / E + kv
+    return total + experts * touched / cfg.n_routed_experts + kv
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
