@@ -31,10 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         from moela.train.cli import main as train_main
         return train_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from moela.server.cli import main as serve_main
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="moela", description="Run DeepSeek-family models (MLA + DeepSeekMoE).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("cost", help="memory planner and cost model (moela cost --help)")
     sub.add_parser("train", help="train a model (moela train --help)")
+    sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
     sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes")
     gen.add_argument("prompt")

@@ -1,0 +1,139 @@
+"""POST /v1/chat/completions: messages through the model's own chat template, `max_tokens` or
+`max_completion_tokens`, boolean `logprobs` with `top_logprobs`, streaming (the role in the first
+delta, usage only with `stream_options.include_usage`), and with `--reasoning-parser deepseek_r1`
+the `<think>` part in `reasoning_content`, split identically streamed or not.
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 64}
+"""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from moela.engine.outputs import CompletionOutput, RequestOutput
+from moela.server.protocol import ApiError, ChatCompletionRequest, ChatMessage, resolve_max_tokens, sampling_params
+from moela.server.reasoning import ReasoningSplitter
+from moela.server.serving import (DONE, EventStream, Serving, collect, error_event, logprob, new_logprobs, sse,
+                                  token_text, usage_of)
+from moela.server.worker import Job
+from moela.tokenizer import Tokenizer
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
+    serving.check_model(req.model)
+    _check_options(req)
+    job = serving.worker.open_job(1)  # the queue slot comes before the template renders
+    try:
+        ids = await run_in_threadpool(render, serving.tokenizer, req.messages)
+        max_len, cache = serving.max_tokens_room()
+        name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        max_tokens = resolve_max_tokens(len(ids), getattr(req, name), max_len, cache, "messages", name)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        await job.submit([ids], [sampling_params(req, max_tokens, top, None)])
+    except BaseException:
+        job.close()
+        raise
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": serving.model_name}
+    if req.stream:
+        return EventStream(_stream(job, req, serving, {**head, "object": "chat.completion.chunk"}), cleanup=job.close)
+    try:
+        finals = await collect(job, request)
+    finally:
+        job.close()
+    if finals is None:
+        return Response(status_code=499)  # the client is gone
+    choices = [_choice(req, serving, o) for o in finals[0].outputs]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage_of(finals)})
+
+
+def _check_options(req: ChatCompletionRequest) -> None:
+    for name in ("chat_template", "chat_template_kwargs", "tools"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not accepted by this server: the model's own chat template renders "
+                                "messages, without tools", param=name)
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise ApiError(400, "response_format other than {'type': 'text'} is not supported", param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs = true", param="top_logprobs")
+
+
+def render(tok: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Token ids of the conversation through the model's template (which holds BOS itself)."""
+    turns = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise ApiError(400, "only text content parts are supported", param="messages")
+            content = "".join(part.text for part in content)
+        turn = {"role": m.role, "content": content or ""}
+        turn.update({k: v for k, v in (("name", m.name), ("reasoning_content", m.reasoning_content)) if v is not None})
+        turns.append(turn)
+    try:
+        text = tok.apply_chat_template(turns, add_generation_prompt=True)
+    except Exception as e:  # the template's raise_exception, or messages it cannot render
+        raise ApiError(400, str(e), param="messages") from None
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ApiError(400, "the messages render to an empty prompt", param="messages")
+    return ids
+
+
+def _choice(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": o.text}
+    if serving.reasoning:
+        reasoning, content = ReasoningSplitter().feed(o.text, final=True)
+        message.update(content=content or None, reasoning_content=reasoning or None)
+    entries = o.logprobs or []
+    logprobs = {"content": _logprobs(serving.tokenizer, o.token_ids, entries, req.top_logprobs or 0)} if req.logprobs else None
+    return {"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": o.finish_reason}
+
+
+def _logprobs(tok: Tokenizer, token_ids: list[int], entries: list[dict], top: int) -> list[dict[str, Any]]:
+    def item(token_id: int, value: float) -> dict[str, Any]:
+        text = token_text(tok, token_id)
+        return {"token": text, "logprob": logprob(value), "bytes": list(text.encode("utf-8"))}
+
+    return [{**item(t, entry[t]), "top_logprobs": [item(k, v) for k, v in sorted(entry.items(), key=lambda kv: -kv[1])[:top]]}
+            for t, entry in zip(token_ids, entries)]
+
+
+async def _stream(job: Job, req: ChatCompletionRequest, serving: Serving, head: dict) -> AsyncIterator[str]:
+    splitters = [ReasoningSplitter() for _ in range(req.n)]
+    finals: dict[int, RequestOutput] = {}
+    try:
+        for index in range(req.n):
+            yield sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for i, out in job.outputs():
+            for o in out.outputs:
+                chunk = _chunk(req, serving, o, splitters[o.index])
+                if chunk is not None:
+                    yield sse({**head, "choices": [chunk]})
+            if out.finished:
+                finals[i] = out
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_of(finals)})
+    except Exception as e:
+        yield error_event(e)
+    yield DONE
+
+
+def _chunk(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput, splitter: ReasoningSplitter) -> dict | None:
+    delta: dict[str, str] = {}
+    if serving.reasoning:
+        reasoning, content = splitter.feed(o.delta_text, final=o.finish_reason is not None)
+        delta.update({k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v})
+    elif o.delta_text:
+        delta["content"] = o.delta_text
+    entries = new_logprobs(o.logprobs, o.delta_token_ids)
+    if not (delta or entries or o.finish_reason):
+        return None
+    logprobs = {"content": _logprobs(serving.tokenizer, o.delta_token_ids, entries, req.top_logprobs or 0)} \
+        if req.logprobs else None
+    return {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": o.finish_reason}
