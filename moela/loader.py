@@ -270,3 +270,92 @@ def _destination(params: dict[str, torch.Tensor], target: tuple) -> torch.Tensor
         rows = dest.shape[0] // 2
         dest = dest[half * rows : (half + 1) * rows]
     return dest
+
+
+# Saving: our parameter names -> HF names, the inverse of the table above. The MTP module (its own
+# norms and projection around a full Block) is stored as layer num_hidden_layers, as DeepSeek-V3 does.
+_MTP_NAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+              "norm.weight": "shared_head.norm.weight"}
+
+
+def _inverse_layer_names() -> dict[str, list[tuple[str, int | None]]]:
+    """Our name inside a layer -> [(HF name, gate/up half or None)]; experts are split separately."""
+    inverse: dict[str, list[tuple[str, int | None]]] = {}
+    for hf, (ours, half) in _LAYER_NAMES.items():
+        if not hf.startswith("mlp.experts."):
+            inverse.setdefault(ours, []).append((hf, half))
+    return inverse
+
+
+_OURS = _inverse_layer_names()
+
+
+def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF tensors: fused gate/up split in halves, stacked experts split per expert."""
+    top = {ours: hf for hf, ours in _TOP.items()}
+    out = {}
+    for name, t in state.items():
+        if name in top:
+            out[top[name]] = t
+            continue
+        layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+        p = f"model.layers.{layer}."
+        if rest == "ffn.experts.w2":
+            out.update({f"{p}mlp.experts.{e}.down_proj.weight": w for e, w in enumerate(t)})
+        elif rest == "ffn.experts.w13":
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2)  # [2I, d] -> gate rows, up rows
+                out[f"{p}mlp.experts.{e}.gate_proj.weight"], out[f"{p}mlp.experts.{e}.up_proj.weight"] = gate, up
+        elif rest in _MTP_NAMES:
+            out[p + _MTP_NAMES[rest]] = t
+        else:
+            out.update({p + hf: (t if half is None else t.chunk(2)[half]) for hf, half in _OURS[rest]})
+    return out
+
+
+def _mtp_state(mtp: torch.nn.Module, n_layers: int) -> dict[str, torch.Tensor]:
+    """MTP parameters named as layer n_layers of the model: block.X -> layers.L.X, enorm -> layers.L.enorm."""
+    return {f"layers.{n_layers}.{name.removeprefix('block.')}": t for name, t in mtp.state_dict().items()}
+
+
+def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write path/model.safetensors with HF names (per-expert tensors); the gate bias stays fp32."""
+    from safetensors.torch import save_file
+
+    state = dict(model.state_dict())
+    if mtp is not None:
+        state |= _mtp_state(mtp, model.cfg.num_hidden_layers)
+    tensors = {}
+    for name, t in to_hf(state).items():
+        keep = dtype is None or name.endswith("e_score_correction_bias")
+        tensors[name] = t.detach().to("cpu", t.dtype if keep else dtype, copy=True).contiguous()  # views share storage
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path / "model.safetensors"
+
+
+def load_mtp(mtp: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
+    """Fill an MTP module from layer cfg.num_hidden_layers of a checkpoint (the layer load_model skips)."""
+    path = Path(path)
+    where = checkpoint_files(path)
+    expected = to_hf(_mtp_state(mtp, cfg.num_hidden_layers))
+    prefix = f"model.layers.{cfg.num_hidden_layers}."
+    missing = sorted(set(expected) - set(where))
+    if missing:
+        raise CheckpointError(f"{path}: missing MTP tensor '{missing[0]}' (checkpoint has no MTP layer for this config)")
+    extra = sorted(n for n in where if n.startswith(prefix) and n not in expected and not n.endswith("_scale_inv"))
+    if extra:
+        raise CheckpointError(f"{where[extra[0]]}: unexpected MTP tensor '{extra[0]}' for this config")
+    params = _mtp_state(mtp, cfg.num_hidden_layers)  # shares storage with mtp's parameters
+    mtp_names = {hf: ours for ours, hf in _MTP_NAMES.items()}
+    handles: dict[Path, object] = {}
+    with torch.no_grad():
+        for hf_name, want in expected.items():
+            rest = hf_name[len(prefix):]
+            target = (prefix[6:] + mtp_names[rest], None, None) if rest in mtp_names else map_name(hf_name)
+            tensor = _read(hf_name, where, handles, cfg)
+            if tensor.shape != want.shape:
+                raise CheckpointError(f"{where[hf_name]}: tensor '{hf_name}' has shape {list(tensor.shape)}, expected {list(want.shape)}")
+            _destination(params, target).copy_(tensor)
