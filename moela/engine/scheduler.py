@@ -6,11 +6,11 @@
     ...run the model, append sampled tokens...
     sched.finish(seq)               # frees its blocks at once
 
-Running sequences are served first (one token each when decoding, the next chunk when a prompt is
-still being prefilled), then waiting ones in arrival order while the budget and free blocks last.
-When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
-back to the head of the queue to be recomputed (its tokens so far are kept, so greedy output is
-unchanged).
+Running sequences are served first, decodes (one token each) before prefill chunks so a long prompt
+never stalls them, then waiting ones in arrival order while the budget and free blocks last.
+When blocks run out, the newest running sequence not yet scheduled in this step is preempted: its
+blocks are freed and it goes back to the head of the queue to be recomputed (its tokens so far are
+kept, so greedy output is unchanged).
 """
 
 from collections import deque
@@ -47,19 +47,19 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget, batch = self.cfg.max_num_batched_tokens, []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            while not self.blocks.ensure(seq, seq.num_computed + n):
-                self.preempt(self.running[-1])
-                if seq.status != Status.RUNNING:
-                    break
-            if seq.status != Status.RUNNING:
+        decodes_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        for seq in decodes_first:
+            if budget <= 0:
                 break
-            batch.append((seq, n))
-            budget -= n
-            i += 1
+            if seq.status != Status.RUNNING:  # preempted earlier in this step
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            while seq.status == Status.RUNNING and not self.blocks.ensure(seq, seq.num_computed + n):
+                scheduled = {id(s) for s, _ in batch}
+                self.preempt(next(s for s in reversed(self.running) if id(s) not in scheduled))
+            if seq.status == Status.RUNNING:
+                batch.append((seq, n))
+                budget -= n
         return batch + self._admit(budget)
 
     def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
