@@ -115,12 +115,14 @@ def summarize(results: list[dict], duration: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "duration_s": duration, "request_throughput_per_s": len(results) / duration,
             "output_token_throughput_per_s": tokens / duration, "output_tokens": tokens,
-            "ttft": stats(ttft), "tpot": stats(tpot), "itl": stats(itl), "e2e": stats([r["end"] - r["start"] for r in results])}
+            "ttft": stats(ttft), "tpot": stats(tpot), "itl": stats(itl),
+            "e2e": stats([r["end"] - r["start"] for r in results])}
 
 
 def main() -> int:
     args = parse_args()
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    load = os.getloadavg()[0]  # other work on the machine skews every number below
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
         results, duration = asyncio.run(run_load(args, url, vocab))
@@ -132,6 +134,7 @@ def main() -> int:
     record = {"command": " ".join(["python", "bench/serve.py", *sys.argv[1:]]),
               "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} CPUs, {platform.system()}",
+              "load_average_1min_at_start": load,
               "model": args.model, "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": summary}
     out = Path(args.out or Path(__file__).parent / "results" / f"serve-{record['date']}.json")
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -85,3 +85,26 @@ def test_clients_timing_out_at_once_are_aborted_and_the_next_request_is_served(s
     start = time.monotonic()
     r = server.post("/v1/completions", {"prompt": "next", "max_tokens": 4, "ignore_eos": True})
     assert r.status_code == 200 and time.monotonic() - start < 2.0
+
+
+def rss_mib() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def test_soak_with_random_cancels_keeps_memory_and_blocks_flat(server):
+    """Rounds of streams, a third of them cancelled: nothing is left behind, and RSS stops growing."""
+    async def round_(seed: int) -> None:
+        rng = random.Random(seed)
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            await asyncio.gather(*(one_stream(client, server, i, rng.randrange(0, 8) if rng.random() < 0.35 else None)
+                                   for i in range(30)))
+
+    rss = []
+    for seed in range(3):
+        asyncio.run(round_(seed))
+        assert_idle_within(server, 1.0)
+        engine = server.worker.engine
+        assert not server.worker.tracks and server.worker.in_flight == 0 and not engine.requests
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        rss.append(rss_mib())
+    assert rss[-1] - rss[0] < 25, rss

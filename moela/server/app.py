@@ -44,7 +44,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
-            raise ValueError(f"reasoning_parser = {self.reasoning_parser!r} is invalid: must be one of {REASONING_PARSERS}")
+            raise ValueError(f"reasoning_parser = {self.reasoning_parser!r} is invalid: "
+                             f"must be one of {REASONING_PARSERS}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty")
 
@@ -63,7 +64,7 @@ def build_app(worker: EngineWorker, cfg: ServerConfig) -> FastAPI:
     app.add_middleware(RequestGate, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     if cfg.cors_origins:  # outermost, so preflights are answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     return app
 
 

@@ -30,7 +30,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     job = serving.worker.open_job(1)  # the queue slot comes before the template renders
     try:
         ids = await run_in_threadpool(render, serving.tokenizer, req.messages)
-        max_len, cache = serving.max_tokens_room()
+        max_len, cache = serving.context_limits()
         name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = resolve_max_tokens(len(ids), getattr(req, name), max_len, cache, "messages", name)
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -89,8 +89,9 @@ def _choice(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput) -
     if serving.reasoning:
         reasoning, content = ReasoningSplitter().feed(o.text, final=True)
         message.update(content=content or None, reasoning_content=reasoning or None)
-    entries = o.logprobs or []
-    logprobs = {"content": _logprobs(serving.tokenizer, o.token_ids, entries, req.top_logprobs or 0)} if req.logprobs else None
+    logprobs = None
+    if req.logprobs:
+        logprobs = {"content": _logprobs(serving.tokenizer, o.token_ids, o.logprobs or [], req.top_logprobs or 0)}
     return {"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": o.finish_reason}
 
 
@@ -99,8 +100,10 @@ def _logprobs(tok: Tokenizer, token_ids: list[int], entries: list[dict], top: in
         text = token_text(tok, token_id)
         return {"token": text, "logprob": logprob(value), "bytes": list(text.encode("utf-8"))}
 
-    return [{**item(t, entry[t]), "top_logprobs": [item(k, v) for k, v in sorted(entry.items(), key=lambda kv: -kv[1])[:top]]}
-            for t, entry in zip(token_ids, entries)]
+    def best(entry: dict[int, float]) -> list[dict[str, Any]]:  # the entry holds the chosen token and the top ones
+        return [item(k, v) for k, v in sorted(entry.items(), key=lambda kv: -kv[1])[:top]]
+
+    return [{**item(t, entry[t]), "top_logprobs": best(entry)} for t, entry in zip(token_ids, entries)]
 
 
 async def _stream(job: Job, req: ChatCompletionRequest, serving: Serving, head: dict) -> AsyncIterator[str]:

@@ -32,7 +32,7 @@ async def create_completion(req: CompletionRequest, request: Request, serving: S
     job = serving.worker.open_job(len(prompts))  # the queue slot comes before any tokenizing
     try:
         ids, texts = await run_in_threadpool(_tokenize, serving, prompts)
-        max_len, cache = serving.max_tokens_room()
+        max_len, cache = serving.context_limits()
         params = [sampling_params(req, resolve_max_tokens(len(p), req.max_tokens, max_len, cache, "prompt"), req.logprobs,
                                   req.logprobs if req.echo else None) for p in ids]
         await job.submit(ids, params)
@@ -49,7 +49,8 @@ async def create_completion(req: CompletionRequest, request: Request, serving: S
         job.close()
     if finals is None:
         return Response(status_code=499)  # the client is gone
-    choices = [_choice(req, serving.tokenizer, i, texts[i], finals[i], o, (o.text, o.token_ids, o.logprobs or []), req.echo)
+    tok = serving.tokenizer
+    choices = [_choice(req, tok, i, texts[i], finals[i], o, (o.text, o.token_ids, o.logprobs or []), req.echo)
                for i in sorted(finals) for o in finals[i].outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage_of(finals)})
 

@@ -101,7 +101,8 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
 
 
-def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
     check_logit_bias(req.logit_bias)
     try:
         return SamplingParams(
@@ -133,7 +134,8 @@ def resolve_max_tokens(num_prompt: int, max_tokens: int | None, max_model_len: i
     if max_tokens is None:
         room = min(max_model_len, cache_tokens) - num_prompt
         if room < 1:
-            raise ApiError(400, f"the prompt ({num_prompt} tokens) fills the KV cache ({cache_tokens} tokens)", param=param)
+            raise ApiError(400, f"the prompt ({num_prompt} tokens) fills the KV cache ({cache_tokens} tokens)",
+                           param=param)
         return room
     if num_prompt + max_tokens > max_model_len:
         raise ApiError(400, f"prompt ({num_prompt} tokens) + {tokens_param} ({max_tokens}) = {num_prompt + max_tokens} "

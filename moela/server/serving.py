@@ -42,7 +42,7 @@ class Serving:
             raise ApiError(404, f"model {name!r} does not exist: this server serves {self.model_name!r}", param="model",
                            code="model_not_found")
 
-    def max_tokens_room(self) -> tuple[int, int]:
+    def context_limits(self) -> tuple[int, int]:
         """(max_model_len, tokens the whole KV cache holds)."""
         return self.worker.engine.max_model_len, self.worker.engine.max_cached_tokens
 
