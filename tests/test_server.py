@@ -266,3 +266,12 @@ def test_metrics_exposes_latencies_engine_state_and_expert_load(server):
                  "moela:num_preemptions_total", "moela:prefix_cache_hit_rate", "moela:prefix_cache_hits_total"):
         assert name in values, name
     assert 'moela:routed_expert_tokens_total{expert="7",layer="2"}' in text
+
+
+def test_new_logprobs_ignore_entries_the_engine_appended_after_the_output():
+    from moela.engine.outputs import CompletionOutput
+    from moela.server.serving import all_logprobs, new_logprobs
+
+    live = [{5: -1.0}, {6: -2.0}, {7: -3.0}, {8: -4.0}]  # the engine's list, already one step further
+    o = CompletionOutput(0, "", [5, 6, 7], None, live, None, "", [6, 7])
+    assert new_logprobs(o) == [{6: -2.0}, {7: -3.0}] and all_logprobs(o) == live[:3]

@@ -32,9 +32,10 @@ async def one_stream(client: httpx.AsyncClient, server: ThreadServer, i: int, le
     """The finish_reason of a streamed chat completion, or 'left' if this client hung up after `leave_after` events."""
     chat = i % 2 == 0
     body = {"max_tokens": 12, "ignore_eos": True, "temperature": 1.0, "seed": i, "stream": True,
-            **({"messages": [{"role": "user", "content": f"request {i}"}]} if chat else {"prompt": [5 + i] * (1 + 2 * i)})}
+            **({"messages": [{"role": "user", "content": f"request {i}"}], "logprobs": True, "top_logprobs": 2} if chat
+               else {"prompt": [5 + i] * (1 + 2 * i), "logprobs": 2})}
     route = "/v1/chat/completions" if chat else "/v1/completions"
-    finish, done = None, 0
+    finish, done, logprobs = None, 0, 0
     async with client.stream("POST", server.url + route, json=body, headers=server.headers) as r:
         assert r.status_code == 200
         events = 0
@@ -49,7 +50,9 @@ async def one_stream(client: httpx.AsyncClient, server: ThreadServer, i: int, le
                 continue
             choice = json.loads(line[len("data: "):])["choices"][0]
             finish = choice["finish_reason"] or finish
-    assert done == 1
+            lp = choice["logprobs"] or {}
+            logprobs += len(lp.get("content") or lp.get("tokens") or [])
+    assert done == 1 and logprobs == 12  # one entry per token, each for its own token
     return finish
 
 

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from moela.engine.outputs import CompletionOutput, RequestOutput
 from moela.server.protocol import ApiError, ChatCompletionRequest, ChatMessage, resolve_max_tokens, sampling_params
 from moela.server.reasoning import ReasoningSplitter
-from moela.server.serving import (DONE, EventStream, Serving, collect, error_event, logprob, new_logprobs, sse,
-                                  token_text, usage_of)
+from moela.server.serving import (DONE, EventStream, Serving, all_logprobs, collect, error_event, logprob,
+                                  new_logprobs, sse, token_text, usage_of)
 from moela.server.worker import Job
 from moela.tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ def _choice(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput) -
         message.update(content=content or None, reasoning_content=reasoning or None)
     logprobs = None
     if req.logprobs:
-        logprobs = {"content": _logprobs(serving.tokenizer, o.token_ids, o.logprobs or [], req.top_logprobs or 0)}
+        logprobs = {"content": _logprobs(serving.tokenizer, o.token_ids, all_logprobs(o), req.top_logprobs or 0)}
     return {"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": o.finish_reason}
 
 
@@ -134,7 +134,7 @@ def _chunk(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput, sp
         delta.update({k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v})
     elif o.delta_text:
         delta["content"] = o.delta_text
-    entries = new_logprobs(o.logprobs, o.delta_token_ids)
+    entries = new_logprobs(o)
     if not (delta or entries or o.finish_reason):
         return None
     logprobs = {"content": _logprobs(serving.tokenizer, o.delta_token_ids, entries, req.top_logprobs or 0)} \

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 
 from moela.engine.outputs import CompletionOutput, RequestOutput
 from moela.server.protocol import ApiError, CompletionRequest, resolve_max_tokens, sampling_params
-from moela.server.serving import (DONE, EventStream, Serving, collect, error_event, logprob, new_logprobs, sse,
-                                  token_text, usage_of)
+from moela.server.serving import (DONE, EventStream, Serving, all_logprobs, collect, error_event, logprob,
+                                  new_logprobs, sse, token_text, usage_of)
 from moela.server.worker import Job
 from moela.tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ async def create_completion(req: CompletionRequest, request: Request, serving: S
     if finals is None:
         return Response(status_code=499)  # the client is gone
     tok = serving.tokenizer
-    choices = [_choice(req, tok, i, texts[i], finals[i], o, (o.text, o.token_ids, o.logprobs or []), req.echo)
+    choices = [_choice(req, tok, i, texts[i], finals[i], o, (o.text, o.token_ids, all_logprobs(o)), req.echo)
                for i in sorted(finals) for o in finals[i].outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage_of(finals)})
 
@@ -83,7 +83,7 @@ def _choice(req: CompletionRequest, tok: Tokenizer, index: int, prompt_text: str
     logprobs = None
     if req.logprobs is not None:
         if echo:
-            token_ids, entries = out.prompt_token_ids + token_ids, (out.prompt_logprobs or []) + entries
+            token_ids, entries = out.prompt_token_ids + token_ids, (out.prompt_logprobs or [])[: len(out.prompt_token_ids)] + entries
         logprobs = _logprobs(tok, token_ids, entries, offset)
     return {"index": index * req.n + o.index, "text": (prompt_text if echo else "") + text, "logprobs": logprobs,
             "finish_reason": o.finish_reason}
@@ -111,7 +111,7 @@ async def _stream(job: Job, req: CompletionRequest, serving: Serving, texts: lis
                 key, echo = (i, o.index), req.echo and (i, o.index) not in started
                 if not (o.delta_text or o.delta_token_ids or o.finish_reason):
                     continue
-                piece = (o.delta_text, o.delta_token_ids, new_logprobs(o.logprobs, o.delta_token_ids))
+                piece = (o.delta_text, o.delta_token_ids, new_logprobs(o))
                 choice = _choice(req, tok, i, texts[i], out, o, piece, echo, offsets.get(key, 0))
                 started.add(key)
                 offsets[key] = offsets.get(key, 0) + len(choice["text"])

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from moela.engine.outputs import RequestOutput
+from moela.engine.outputs import CompletionOutput, RequestOutput
 from moela.server.protocol import ApiError
 from moela.server.worker import EngineUnavailable, EngineWorker, Job
 from moela.tokenizer import Tokenizer
@@ -82,11 +82,15 @@ def logprob(value: float) -> float:
     return value if value > MIN_LOGPROB else MIN_LOGPROB
 
 
-def new_logprobs(output_logprobs: list[dict] | None, delta_token_ids: list[int]) -> list[dict]:
-    """The logprob entries of this output's new tokens."""
-    if not output_logprobs or not delta_token_ids:
-        return []
-    return output_logprobs[len(output_logprobs) - len(delta_token_ids):]
+def new_logprobs(o: CompletionOutput) -> list[dict]:
+    """The logprob entries of this output's new tokens. `o.logprobs` is the engine's live list, which may
+    already hold entries of later steps by the time this runs: it is cut at `o.token_ids`, a snapshot."""
+    end = len(o.token_ids)
+    return (o.logprobs or [])[end - len(o.delta_token_ids): end] if o.delta_token_ids else []
+
+
+def all_logprobs(o: CompletionOutput) -> list[dict]:
+    return (o.logprobs or [])[: len(o.token_ids)]
 
 
 async def until_disconnect(request: Request, work: Coroutine) -> bool:
