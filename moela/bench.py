@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from moela.cost import expected_experts
+from moela.cost import expected_experts, param_counts
+from moela.cost_catalog import shape_from_model_config
 
 SHAPES = {
     "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
@@ -72,17 +73,14 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / best
 
 
-def decode_bytes(model, batch: int, context: int) -> float:
-    """Bytes one decode step reads: non-expert weights, expected distinct routed experts, cached latents."""
-    cfg, total, experts = model.cfg, 0, 0
-    for name, p in model.named_parameters():
-        if ".experts." in name:
-            experts += p.numel() * p.element_size()
-        elif name != "embed.weight" or model.head is None:
-            total += p.numel() * p.element_size()
+def decode_bytes(cfg, batch: int, context: int, dtype_bytes: int = 2) -> float:
+    """Bytes one decode step reads: every always-read weight, the expected distinct routed experts of
+    `batch` tokens per MoE layer, and each sequence's cached latents."""
+    p = param_counts(shape_from_model_config(cfg))
     touched = expected_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
-    kv = batch * context * cfg.latent_dim * cfg.num_hidden_layers * model.embed.weight.element_size()
-    return total + experts * touched / cfg.n_routed_experts + kv
+    weights = p.always_read + touched * p.expert * p.moe_layers
+    kv = batch * context * cfg.latent_dim * cfg.num_hidden_layers
+    return (weights + kv) * dtype_bytes
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -114,7 +112,7 @@ def run_moela(path: Path, batches: list[int], prompt_len: int, new_tokens: int) 
         prefill_time = sum(t for pre, t in steps if pre)
         results[b] = {"tokens_per_s": b * new_tokens / wall, "wall_s": wall, "decode_step_ms": 1e3 * sorted(decode)[len(decode) // 2],
                       "prefill_tokens_per_s": b * prompt_len / prefill_time,
-                      "roofline_bytes": decode_bytes(engine.model, b, prompt_len + new_tokens // 2)}
+                      "roofline_bytes": decode_bytes(engine.model_cfg, b, prompt_len + new_tokens // 2)}
     return {"results": results, "kv_bytes_per_token": engine.bytes_per_token, "peak_rss_mb": _rss_mb()}
 
 
