@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from moela.model import MLA, Experts, Linear, Transformer
+from moela.model import MLA, Experts, Gate, Linear, Transformer
 
 
 def supported(model: Transformer) -> bool:
@@ -35,6 +35,8 @@ def prepack(model: Transformer) -> None:
                 packed = pack(module.weight)
                 del module.weight
                 module.weight = packed
+            elif isinstance(module, Gate):  # the router computes in fp32: upcast its weight once (exact)
+                module.weight.data = module.weight.data.float()
             elif isinstance(module, Experts):
                 for name in ("w13", "w2"):
                     packed = [pack(w) for w in getattr(module, name)]

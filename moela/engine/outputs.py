@@ -84,7 +84,7 @@ def make_output(req) -> RequestOutput:
                              max(done) if finished and done else (time.perf_counter() if finished else None))
     head = req.seqs[0]
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, head.num_cached_prompt,
-                         head.prompt_logprobs if head.params.prompt_logprobs is not None else None, metrics)
+                         list(head.prompt_logprobs) if head.params.prompt_logprobs is not None else None, metrics)
 
 
 def _completion(seq: Sequence) -> CompletionOutput:
@@ -93,7 +93,7 @@ def _completion(seq: Sequence) -> CompletionOutput:
     upto = max(seq.emitted_text, len(seq.text) - hold)
     delta_text, seq.emitted_text = seq.text[seq.emitted_text : upto], upto
     delta_ids, seq.emitted_tokens = seq.output_ids[seq.emitted_tokens :], seq.num_output
-    logprobs = seq.logprobs if seq.params.logprobs is not None else None
+    logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None  # a snapshot: the engine keeps appending
     cumulative = sum(next(iter(d.values())) for d in logprobs) if logprobs is not None else None
     return CompletionOutput(seq.index, seq.text[:upto], seq.output_ids, seq.finish_reason, logprobs, cumulative,
                             delta_text, delta_ids)
