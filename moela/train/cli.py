@@ -134,7 +134,7 @@ def save_checkpoint(trainer: Trainer, tok: Tokenizer, path: Path, dtype: torch.d
 
 
 def run(args: argparse.Namespace) -> int:
-    tc = train_config(args)
+    start, tc = time.perf_counter(), train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -145,11 +145,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         trainer.resume(args.resume)
     n = param_counts(trainer.model, trainer.mtp, trainer.cfg)
-    say(rank, f"{facts['n_train_files']} training files -> {windows['train'].numel() / 1e6:.2f}M tokens in "
+    say(rank, f"{facts['n_train_files']} training files -> {len(windows['train']) * tc.seq_len / 1e6:.2f}M tokens in "
               f"{len(windows['train'])} sequences of {tc.seq_len}; vocab {arch['vocab_size']}; {n['total'] / 1e6:.2f}M "
               f"parameters ({n['active'] / 1e6:.2f}M active) + MTP {n['mtp'] / 1e6:.2f}M; starting at step {trainer.step_num}")
     ckpt_dir = args.checkpoint_dir or args.out / "checkpoints"
-    start = time.perf_counter()
     max_vio = train_loop(args, trainer, tok, ckpt_dir, rank)
     heldout_loss = trainer.evaluate()
     say(rank, f"final held-out loss {heldout_loss:.4f} (perplexity {torch.tensor(heldout_loss).exp():.2f})")
@@ -202,11 +201,12 @@ def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts:
     last = [r[1] for r in trainer.history["train"][-20:]]
     files = [f for f in args.out.iterdir() if f.is_file()]
     return facts | {
-        "title": f"moela {args.out.name}", "command": "moela train " + shlex.join(args.argv),
+        "title": f"moela {args.out.name}", "out": args.out, "is_default": args.out.resolve() == DEFAULT_MODEL_DIR.resolve(),
+        "command": "moela train " + shlex.join(args.argv),
         "hardware": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}",
         "cfg": trainer.cfg, "params": param_counts(trainer.model, trainer.mtp, trainer.cfg),
         "size_mb": sum(f.stat().st_size for f in files) / 1e6, "seq_len": tc.seq_len,
-        "train_tokens": windows["train"].numel(), "heldout_tokens": 0 if heldout is None else heldout.numel(),
+        "train_tokens": len(windows["train"]) * tc.seq_len, "heldout_tokens": 0 if heldout is None else len(heldout) * tc.seq_len,
         "steps": trainer.step_num, "batch_size": tc.batch_size, "tokens_seen": trainer.step_num * tc.batch_size * tc.seq_len,
         "epochs": trainer.step_num * tc.batch_size / len(windows["train"]), "optimizer": tc.optimizer, "lr": tc.lr,
         "precision": tc.precision, "mtp_weight": tc.mtp_weight, "bias_update_speed": tc.bias_update_speed,

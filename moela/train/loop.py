@@ -141,7 +141,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.net.named_parameters(), tc.optimizer, tc.weight_decay)
         self.sampler = Sampler(len(train), tc.batch_size, tc.seed)
         self.step_num = 0
-        self.history: dict[str, list] = {"train": [], "eval": []}  # [step, loss, mtp loss], [step, loss]
+        self.history: dict[str, list] = {"train": [], "eval": []}  # [step, loss, mtp loss], [step, loss, sequences]
 
     @property
     def lr(self) -> float:
@@ -185,7 +185,8 @@ class Trainer:
         """Mean next-token loss (nats) of the main head on held-out windows; exp() is the perplexity."""
         if self.heldout is None or len(self.heldout) == 0:
             return math.nan
-        windows = self.heldout[:max_windows][self.rank :: self.world]
+        chosen = self.heldout[:max_windows]
+        windows = chosen[self.rank :: self.world]
         self.net.eval()
         self.net.router.active = False
         total = torch.zeros(2, dtype=torch.float64)
@@ -199,7 +200,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(total)
         loss = (total[0] / total[1]).item()
-        self.history["eval"].append([self.step_num, round(loss, 5)])
+        self.history["eval"].append([self.step_num, round(loss, 5), len(chosen)])
         return loss
 
     def save(self, path: Path, dtype: torch.dtype | None = None, state: bool = True) -> None:

@@ -26,8 +26,11 @@ def plot_losses(history: dict[str, list], path: Path) -> None:
         ax.plot(steps, _smooth([r[1] for r in train]), label="train loss", lw=1.2)
         if any(r[2] for r in train):
             ax.plot(steps, _smooth([r[2] for r in train]), label="MTP loss (token i+2)", lw=1.0, alpha=0.7)
-    if history["eval"]:
-        ax.plot([r[0] for r in history["eval"]], [r[1] for r in history["eval"]], "o-", label="held-out loss", ms=3)
+    periodic = [r for r in history["eval"] if r[2] == history["eval"][0][2]]
+    if periodic:
+        ax.plot([r[0] for r in periodic], [r[1] for r in periodic], "o-", ms=3, label=f"held-out loss ({periodic[0][2]} sequences)")
+    for step, loss, n in (r for r in history["eval"] if r not in periodic):
+        ax.plot([step], [loss], "*", ms=10, color="C3", label=f"held-out loss (all {n} sequences)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
@@ -60,12 +63,13 @@ def model_card(f: dict) -> str:
     p = f["params"]
     ppl = math.exp(f["heldout_loss"]) if math.isfinite(f["heldout_loss"]) else math.nan
     vio = ", ".join(f"{v:.2f}" for v in f["max_vio"])
+    usage = ("It is moela's embedded default model: `moela generate` uses it when no `--model` is given."
+             if f["is_default"] else f"Run it with `moela generate --model {f['out']} \"...\"`.")
     return f"""# {f['title']}
 
 A small DeepSeek-V3-architecture model (MLA, DeepSeekMoE with aux-loss-free balancing, one MTP
-module) trained from scratch by `moela train` on {f['corpus_desc']}. It is moela's embedded default
-model: `moela generate "def fibonacci(n):"` uses it when no `--model` is given. It writes
-Python-looking code; it is a demonstration and test fixture, not a useful assistant.
+module) trained from scratch by `moela train` on {f['corpus_desc']}.
+{usage} It is a demonstration and test fixture, not a useful assistant.
 
 ## Reproduce
 
@@ -95,7 +99,7 @@ Run from the repository root; {f['hardware']}. Data order and initialization dep
 - {f['steps']} steps x {f['batch_size']} sequences x {f['seq_len']} tokens = {f['tokens_seen'] / 1e6:.2f}M tokens
   ({f['epochs']:.2f} epochs), {f['optimizer']}, peak lr {f['lr']}, warmup + cosine, {f['precision']}, MTP loss weight
   {f['mtp_weight']}, bias update speed {f['bias_update_speed']}, sequence-wise balance loss alpha {f['balance_alpha']}.
-- Wall time {f['wall_min']:.1f} min.
+- Wall time {f['wall_min']:.1f} min for the whole command (data preparation, training, evaluation).
 
 ## Results
 
@@ -110,7 +114,7 @@ Run from the repository root; {f['hardware']}. Data order and initialization dep
 
 ## Sample
 
-`moela generate "{f['sample_prompt']}"` (greedy, up to 96 tokens):
+`moela generate{'' if f['is_default'] else ' --model ' + str(f['out'])} "{f['sample_prompt']}"` (greedy, up to 96 tokens):
 
 ```python
 {f['sample_prompt']}{f['sample']}
