@@ -155,7 +155,8 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics (averaged over ranks)."""
         tc = self.tc
         rows = self.sampler.rows(self.step_num).view(tc.grad_accum, self.world, self.micro)[:, self.rank]
-        set_lr(self.optimizers, self.lr)
+        lr = self.lr
+        set_lr(self.optimizers, lr)
         losses = torch.zeros(3)
         for m, idx in enumerate(rows):
             batch = self.train[idx].long().to(self.device)  # [micro, S + 1]
@@ -177,7 +178,7 @@ class Trainer:
         self.step_num += 1
         main, mtp, balance = losses.tolist()
         self.history["train"].append([self.step_num, round(main, 5), round(mtp, 5)])
-        return {"step": self.step_num, "loss": main, "mtp_loss": mtp, "balance_loss": balance, "lr": self.lr,
+        return {"step": self.step_num, "loss": main, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
                 "grad_norm": float(grad_norm), "loads": loads, "max_vio": max_violation(loads).tolist()}
 
     @torch.no_grad()
