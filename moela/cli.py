@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8, like llama.cpp)")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=40, help="-1 = no limit")
+    gen.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     args = parser.parse_args(argv)
@@ -67,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from moela.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed)
+                            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not path.exists():
         raise MoelaError(f"{path}: no such model directory")

@@ -16,7 +16,8 @@ def model_dir(text_model):
 
 
 def test_generate_streams_greedy_text(model_dir, capsys):
-    assert main(["generate", "--model", str(model_dir), "--max-tokens", "12", "--dtype", "float32", "def fib"]) == 0
+    assert main(["generate", "--model", str(model_dir), "--max-tokens", "12", "--dtype", "float32", "--temperature", "0",
+                 "--repetition-penalty", "1", "def fib"]) == 0
     out, err = capsys.readouterr()
     ref = LLM(model=model_dir, dtype="float32").generate("def fib", SamplingParams(temperature=0, max_tokens=12))
     assert out == ref[0].outputs[0].text + "\n"
