@@ -313,12 +313,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """tokens, positions: [T] -> final-normed hidden states [T, hidden_size]."""
-        angles = positions[:, None].float() * self.inv_freq  # [T, r/2]
-        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        cos, sin = self.rope(positions)
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, r/2] of each position, scaled by YaRN's attention factor."""
+        angles = positions[:, None].float() * self.inv_freq  # [T, r/2]
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.head is None else self.head.weight

@@ -31,6 +31,5 @@ class MTP(nn.Module):
                 positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """hidden: h_i [T, d]; next_tokens: t_{i+1} [T]; positions: those of t_{i+1} -> [T, d]."""
         x = torch.cat([self.enorm(model.embed(next_tokens)), self.hnorm(hidden)], dim=-1)  # [T, 2d]
-        angles = positions[:, None].float() * model.inv_freq  # [T, r/2]
-        cos, sin = angles.cos() * model.rope_scale, angles.sin() * model.rope_scale
+        cos, sin = model.rope(positions)
         return self.norm(self.block(self.eh_proj(x), cos, sin, ctx))
