@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 from moela.config import ModelConfig
+from moela.cost import formulas as cost
+from moela.cost.catalog import shape_from_model_config
+from moela.engine.cache import CacheLayout
 from moela.engine.runner import Runner
 from moela.engine.sequence import Sequence
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 from moela.loader import load_model
 
 PUBLIC = {  # the fields of the public config.json files that set the cache size
@@ -31,11 +34,11 @@ HEADS = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head
              num_experts_per_tok=8, first_k_dense_replace=1)
 
 
-def per_token(cfg: ModelConfig, nbytes: int) -> dict[str, int]:
+def per_token(cfg: ModelConfig) -> dict[str, float]:
+    """bf16 bytes per token: the latent (moela's cost model) and transformers 4.x's decompressed K and V."""
+    latent = cost.cache_bytes_per_token(shape_from_model_config(cfg), "bf16")
     h = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    return {"moela": cfg.latent_dim * cfg.num_hidden_layers * nbytes,
-            "transformers_5": cfg.latent_dim * cfg.num_hidden_layers * nbytes,
-            "transformers_4": h * cfg.num_hidden_layers * nbytes}
+    return {"moela": latent, "transformers_5": latent, "transformers_4": h * cfg.num_hidden_layers * 2}
 
 
 def measured(tmp: Path, n_tokens: int = 40) -> dict[str, float]:
@@ -48,10 +51,11 @@ def measured(tmp: Path, n_tokens: int = 40) -> dict[str, float]:
     past = hf(torch.tensor([ids]), use_cache=True).past_key_values
     hf_bytes = sum(t.numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values))
     model = load_model(tmp, dtype=torch.float32)
-    runner = Runner(model, num_blocks=1, block_size=n_tokens)  # one block = exactly the n tokens
+    layout = CacheLayout(model.cache_specs(), torch.float32, block_size=n_tokens)  # one block = exactly the n tokens
+    runner = Runner(model, layout, num_blocks=1)
     seq = Sequence("r", 0, ids, n_tokens, SamplingParams(), None, None, block_table=[0])
     runner.execute([(seq, n_tokens)])
-    ours = sum(c.numel() * c.element_size() for c in runner.caches)
+    ours = sum(c.numel() * c.element_size() for layer in runner.caches for c in layer.values())
     return {"moela": ours / n_tokens, "transformers_5": hf_bytes / n_tokens}
 
 
@@ -63,7 +67,7 @@ def main() -> None:
         rows["test model v3 (fp32, measured)"] = measured(Path(tmp))
     for name, fields in PUBLIC.items():
         cfg = ModelConfig.from_dict({**HEADS, **fields})
-        rows[f"{name} (bf16, from config)"] = per_token(cfg, 2)
+        rows[f"{name} (bf16, from config)"] = per_token(cfg)
     print(f"{'model':36} {'moela':>10} {'transformers 5.x':>17} {'transformers 4.x':>17}")
     for name, r in rows.items():
         print(f"{name:36} {r['moela']:>10,.0f} {r['transformers_5']:>17,.0f} {r.get('transformers_4', float('nan')):>17,.0f}")

@@ -5,8 +5,9 @@
     print(llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)
 """
 
-from moela.engine.llm import LLM, LLMEngine, EngineConfig
+from moela.config import EngineConfig
+from moela.engine.llm import LLM, LLMEngine
 from moela.engine.outputs import CompletionOutput, RequestOutput
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -27,25 +27,19 @@ from pathlib import Path
 
 import torch
 
-from moela.cost import expected_experts, param_counts
-from moela.cost_catalog import shape_from_model_config
+from moela.cost import formulas as cost
+from moela.cost.catalog import load_model, model_names
+from moela.cost.measure import copy_bandwidth
+from moela.ops import BACKENDS
 
-SHAPES = {
-    "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                     num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
-                     q_lora_rank=384, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                     n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-                 first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-                 qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4,
-                 n_shared_experts=1, n_group=4, topk_group=2),
-}
+SHAPES = [name for name in model_names() if name.startswith("bench-")]  # bench-1b, bench-tiny (catalog entries)
 
 
 def write_checkpoint(shape: str, path: Path) -> None:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(**SHAPES[shape], max_position_embeddings=4096, hidden_act="silu", bos_token_id=0, eos_token_id=1)
+    config = {k: v for k, v in load_model(shape).config.items() if k != "model_type"}
+    cfg = DeepseekV3Config(**config, hidden_act="silu")
     torch.manual_seed(0)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
@@ -61,38 +55,17 @@ def write_checkpoint(shape: str, path: Path) -> None:
     model.save_pretrained(path)
 
 
-def copy_bandwidth() -> float:
-    """Bytes moved per second (read + write) by a large tensor copy, best of 5."""
-    src = torch.ones(256 * 2**20, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * src.element_size() / best
-
-
-def decode_bytes(cfg, batch: int, context: int, dtype_bytes: int = 2) -> float:
-    """Bytes one decode step reads: every always-read weight, the expected distinct routed experts of
-    `batch` tokens per MoE layer, and each sequence's cached latents."""
-    p = param_counts(shape_from_model_config(cfg))
-    touched = expected_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
-    weights = p.always_read + touched * p.expert * p.moe_layers
-    kv = batch * context * cfg.latent_dim * cfg.num_hidden_layers
-    return (weights + kv) * dtype_bytes
-
-
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(batch)
     return torch.randint(2, vocab, (batch, length), generator=g).tolist()
 
 
-def run_moela(path: Path, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def run_moela(args: argparse.Namespace) -> dict:
     from moela import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype="bfloat16", max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
-              skip_tokenizer_init=True, enable_prefix_caching=False)
+    batches, prompt_len, new_tokens = args.batches, args.prompt_len, args.new_tokens
+    llm = LLM(model=Path(args.checkpoint), dtype="bfloat16", max_num_seqs=max(batches), backend=args.backend,
+              max_num_batched_tokens=max(batches) * prompt_len, skip_tokenizer_init=True, enable_prefix_caching=False)
     engine, results = llm.engine, {}
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts(1, 16, llm.engine.model_cfg.vocab_size), SamplingParams(max_tokens=4))  # warm-up
@@ -112,14 +85,16 @@ def run_moela(path: Path, batches: list[int], prompt_len: int, new_tokens: int) 
         prefill_time = sum(t for pre, t in steps if pre)
         results[b] = {"tokens_per_s": b * new_tokens / wall, "wall_s": wall, "decode_step_ms": 1e3 * sorted(decode)[len(decode) // 2],
                       "prefill_tokens_per_s": b * prompt_len / prefill_time,
-                      "roofline_bytes": decode_bytes(engine.model_cfg, b, prompt_len + new_tokens // 2)}
-    return {"results": results, "kv_bytes_per_token": engine.bytes_per_token, "peak_rss_mb": _rss_mb()}
+                      "roofline_bytes": sum(cost.decode_bytes(load_model(args.shape).shape, b, prompt_len + new_tokens // 2, "bf16"))}
+    return {"results": results, "kv_bytes_per_token": engine.bytes_per_token, "peak_rss_mb": _rss_mb(),
+            "backend": engine.backend.name}
 
 
-def run_hf(path: Path, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def run_hf(args: argparse.Namespace) -> dict:
     from transformers import DeepseekV3ForCausalLM
 
-    model = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    batches, prompt_len, new_tokens = args.batches, args.prompt_len, args.new_tokens
+    model = DeepseekV3ForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
     vocab, results = model.config.vocab_size, {}
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():
@@ -142,18 +117,19 @@ def _rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    fn = run_moela if args.engine == "moela" else run_hf
-    print(json.dumps(fn(Path(args.checkpoint), args.batches, args.prompt_len, args.new_tokens)))
+    print(json.dumps((run_moela if args.engine == "moela" else run_hf)(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moela bench", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="bench-1b")
+    p.add_argument("--shape", choices=SHAPES + ["tiny"], default="bench-1b", help="a benchmark shape of moela's "
+                   "model catalog (tiny = bench-tiny)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-hf", action="store_true", help="measure moela only")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="moela's kernels (default: auto)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--engine", choices=["moela", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -165,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(args.shape, Path(tmp))
         common = [sys.executable, "-m", "moela.bench", "--checkpoint", tmp, "--prompt-len", str(args.prompt_len), "--new-tokens",
-                  str(args.new_tokens), "--threads", str(args.threads), "--batches", *map(str, args.batches)]
+                  str(args.new_tokens), "--threads", str(args.threads), "--batches", *map(str, args.batches),
+                  "--shape", args.shape, "--backend", args.backend]
         runs = {e: json.loads(subprocess.run(common + ["--engine", e], check=True, capture_output=True, text=True).stdout)
                 for e in (["moela"] if args.skip_hf else ["moela", "hf"])}
-    report(args, runs, copy_bandwidth())
+    report(args, runs, copy_bandwidth(mib=512, repeats=5))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     moela generate "def fibonacci(n):"                   # the embedded default model
     moela generate --model DIR --chat --max-tokens 64 "Hello"
-    moela cost deepseek-v3 --hardware h100               # see moela/cost_cli.py
+    moela cost deepseek-v3 --hardware h100               # see moela/cost/cli.py
     moela train ...                                      # see moela/train/cli.py
     moela bench --shape bench-1b                         # see moela/bench.py
 
@@ -15,15 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from moela.config import DTYPES, add_engine_args
 from moela.errors import MoelaError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "cost":
-        from moela.cost_cli import main as cost_main
+        from moela.cost.cli import main as cost_main
         return cost_main(argv[1:])
     if argv and argv[0] == "bench":
         from moela.bench import main as bench_main
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    add_engine_args(gen)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moela.config import DEFAULT_MODEL_DIR, ModelConfig
-    from moela.engine.llm import EngineConfig, LLMEngine
-    from moela.sampling import SamplingParams
+    from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+    from moela.engine.llm import LLMEngine
+    from moela.engine.sampler import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
@@ -73,7 +73,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not path.exists():
         raise MoelaError(f"{path}: no such model directory")
     ModelConfig.from_pretrained(path)  # an unsupported model fails before anything else is read
-    engine = LLMEngine(EngineConfig(model=path, dtype=args.dtype, max_num_seqs=1))
+    engine = LLMEngine(EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=1))
     tok = engine.tokenizer
     if args.chat:
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]), add_special_tokens=False)

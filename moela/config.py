@@ -1,16 +1,22 @@
-"""ModelConfig: the DeepSeek-V2/V3 architecture read from a HF `config.json`, validated once.
+"""Configuration, one dataclass per concern, each validated once: the model (from a HF
+`config.json`), the engine, the scheduler; and the one map of dtype names every CLI and API takes.
 
     cfg = ModelConfig.from_pretrained("path/to/model")   # or ModelConfig.from_dict(json.load(...))
+    engine_cfg = EngineConfig(model="path/to/model", dtype="bfloat16", kv_cache_memory="4GiB")
+    DTYPES["bf16"] is DTYPES["bfloat16"] is torch.bfloat16
 
 Defaults for fields a config.json leaves out follow the HF config class of its `model_type`, so a
 checkpoint saved by transformers means the same thing here. `auto_map` (remote code) is ignored.
 """
 
+import argparse
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from moela.errors import ConfigError
 
@@ -18,6 +24,9 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the em
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+# dtype names accepted everywhere (CLI flags, LLM(dtype=...), EngineConfig), short aliases included
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
 _V2_DEFAULTS = dict(
@@ -246,3 +255,73 @@ def _quant_from_dict(q: dict[str, Any] | None) -> QuantConfig | None:
     if len(block) != 2 or any(not isinstance(b, int) or b <= 0 for b in block):
         raise ConfigError(f"field 'quantization_config.weight_block_size' = {block!r} must be two positive integers")
     return QuantConfig(quant_method=method, fmt=fmt, weight_block_size=tuple(block))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: must be an integer >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path | None = None  # None: the embedded default model
+    dtype: str = "bfloat16"  # a key of DTYPES
+    device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", ...)
+    backend: str = "auto"  # "auto": the fastest backend for the device and dtype; or a name in moela.ops.BACKENDS
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    kv_cache_memory: int | str | None = None  # bytes ("4GiB" works); default: max_num_seqs full contexts, <= 1/4 of memory
+    block_size: int = 64
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
+    scheduler: SchedulerConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len = {self.max_model_len!r} is invalid: must be an integer >= 2")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device = {self.device!r} is invalid: use a torch device such as 'cpu' or 'cuda:0'") from None
+        self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The EngineConfig flags every command that runs the engine shares."""
+    from moela.ops import BACKENDS
+
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="kernels: auto picks the fastest for the device and dtype (default: auto)")
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes as an integer or a size such as "4GiB", "512MB", "1e9b"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    text = value.strip().lower() if isinstance(value, str) else ""
+    for unit, scale in units.items() if isinstance(value, str) else ():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    raise ValueError(f"kv_cache_memory = {value!r} is invalid: use bytes or a size like '4GiB'")

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from moela.config import ModelConfig
 from moela.errors import CheckpointError
-from moela.model import Gate, Transformer
+from moela.models import Transformer, build_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -109,11 +109,11 @@ def _check_entries(file: Path, header: dict, data_size: int) -> dict[str, tuple[
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            assert dtype in DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+            assert dtype in SAFETENSORS_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
             assert isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
         except (KeyError, TypeError, ValueError, AssertionError):
             raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor '{name}': {info!r}") from None
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: tensor '{name}' has {end - begin} bytes but dtype {dtype} x shape {shape} needs {nbytes}")
         spans.append((begin, end, name))
@@ -149,7 +149,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                cfg: ModelConfig | None = None) -> Transformer:
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
@@ -158,14 +158,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     for name, f in where.items():
         if name not in headers[f]:
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    plan = _plan(cfg, model, where, headers)
-    model.to_empty(device=device)
-    for m in model.modules():
-        if isinstance(m, Gate) and m.bias is not None:
-            m.bias = m.bias.float()
-    model.init_buffers()
+    plan = _plan(cfg, build_model(cfg, dtype, "meta"), where, headers)  # every check before any allocation
+    model = build_model(cfg, dtype, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
     files = sorted({f for f, _ in plan.values()})

@@ -87,13 +87,14 @@ class Stepper:
     """Teacher-forced steps on the engine's paged latent cache: each sequence appends the given tokens."""
 
     def __init__(self, model, n_seqs: int, num_blocks: int = 64, block_size: int = 4):
-        from moela.engine.cache import BlockManager
+        from moela.engine.cache import BlockManager, CacheLayout
         from moela.engine.runner import Runner
         from moela.engine.sequence import Sequence
-        from moela.sampling import SamplingParams
+        from moela.engine.sampler import SamplingParams
 
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = Runner(model, num_blocks, block_size)
+        layout = CacheLayout(model.cache_specs(), model.embed.weight.dtype, block_size)
+        self.runner = Runner(model, layout, num_blocks)
         self.seqs = [Sequence(str(i), 0, [], 0, SamplingParams(), None, None) for i in range(n_seqs)]
 
     def step(self, new_tokens: list[list[int]]) -> torch.Tensor:
@@ -110,7 +111,8 @@ class Stepper:
 
 
 def engine_for(path: Path, **kwargs):
-    from moela.engine.llm import EngineConfig, LLMEngine
+    from moela.config import EngineConfig
+    from moela.engine.llm import LLMEngine
 
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("skip_tokenizer_init", not (path / "tokenizer.json").exists())

@@ -4,7 +4,7 @@ import random
 
 from moela.engine.cache import BlockManager
 from moela.engine.sequence import Sequence
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 
 
 def seq(tokens: list[int]) -> Sequence:
@@ -81,3 +81,27 @@ def test_no_leak_under_random_traffic():
     for s in live:
         bm.free(s)
     assert bm.num_free == 32 and all(r == 0 for r in bm.ref)
+
+
+def test_layout_of_mla_latent_caches_and_its_allocation():
+    import torch
+
+    from moela.engine.cache import CacheLayout
+    from moela.models import CacheSpec
+
+    specs = [[CacheSpec("kv_cache", "latent", 576)] for _ in range(3)]
+    layout = CacheLayout(specs, torch.bfloat16, block_size=16)
+    assert layout.bytes_per_token == 576 * 3 * 2 and layout.bytes_per_block == 576 * 3 * 2 * 16
+    assert layout.fixed_bytes_per_sequence == 0 and layout.num_blocks(10 * layout.bytes_per_block + 5, 0) == 10
+    caches = layout.allocate(10, 0, torch.device("cpu"))
+    assert len(caches) == 3 and caches[0]["kv_cache"].shape == (10, 16, 576) and caches[0]["kv_cache"].dtype == torch.bfloat16
+    assert layout.describe() == ["latent: 3 layers x 576 values, 3,456 bytes/token, 0 fixed bytes/sequence"]
+
+
+def test_slots_for_fixed_kinds_are_given_and_taken_back():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False, num_slots=2)
+    a, b, c = (Sequence(str(i), 0, [1] * 5, 5, SamplingParams(), None, None) for i in range(3))
+    assert bm.ensure(a, 5) and bm.ensure(b, 3) and (a.slot, b.slot) == (0, 1)
+    assert not bm.ensure(c, 1) and c.slot is None and c.block_table == []  # no slot left: nothing allocated
+    bm.free(a)
+    assert bm.ensure(c, 1) and c.slot == 0 and a.slot is None

@@ -1,4 +1,4 @@
-"""moela.cost, moela.cost_catalog, moela.cost_cli: formulas against hand calculations and transformers."""
+"""moela.cost: formulas, catalog, cli and measure: against hand calculations and transformers."""
 
 import json
 import math
@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from moela import cost
+from moela.cost import formulas as cost
 from moela.config import ModelConfig
-from moela.cost_catalog import (UnknownEntry, hardware_names, load_hardware, load_model, model_names,
+from moela.cost.catalog import (UnknownEntry, hardware_names, load_hardware, load_model, model_names,
                                 shape_from_config, shape_from_model_config)
-from moela.cost_cli import main
+from moela.cost.cli import main
 
 def test_latent_cache_bytes_by_hand():
     v2 = load_model("deepseek-v2").shape
@@ -261,12 +261,13 @@ def test_cli_plot(tmp_path, capsys):
 
 
 def test_measure_on_a_tiny_shape(monkeypatch):
-    from moela import cost_measure
-    from moela.cost_catalog import CatalogModel
+    from moela.cost import measure as cost_measure
+    from moela.cost.catalog import CatalogModel
 
     config = dict(load_model("bench-1b").config, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                  qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, vocab_size=256)
+                  qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, vocab_size=256,
+                  n_group=2, topk_group=1)
     tiny = CatalogModel("tiny", "tiny", shape_from_config("tiny", config), config, "test")
     fast = cost.Hardware("fake CPU", 16, 0.02, {"bf16": 1.0})
     monkeypatch.setattr(cost_measure, "measure_local", lambda: fast)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import build_hf, edit_config, rel_err
 from moela.errors import CheckpointError
 from moela.loader import dequantize_fp8, load_model
-from moela.model import StepContext
+from moela.models import StepContext
 
 SEQ = [5, 17, 99, 3, 64, 12, 7, 88, 41]
 

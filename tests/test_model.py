@@ -5,8 +5,8 @@ import torch
 
 from conftest import VARIANTS, Stepper, engine_for, rel_err
 from moela.loader import load_model
-from moela.model import StepContext
-from moela.sampling import SamplingParams
+from moela.models import StepContext
+from moela.engine.sampler import SamplingParams
 
 TOL = 1e-4
 
@@ -103,7 +103,7 @@ def test_bf16_model_close_to_fp32(hf_checkpoint):
 
 
 def test_causal_attention_chunks_match_sdpa():
-    from moela.ops import causal_attention
+    from moela.ops.reference import causal_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 37, d, generator=g) for d in (24, 24, 16))

@@ -3,7 +3,7 @@
 from moela.engine.cache import BlockManager
 from moela.engine.scheduler import Scheduler, SchedulerConfig
 from moela.engine.sequence import Sequence, Status
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 
 
 def seq(n_prompt: int, name: str = "r", first: Sequence | None = None) -> Sequence:

@@ -19,7 +19,8 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import build_hf, make_tokenizer
-from moela.engine.llm import EngineConfig, LLMEngine
+from moela.config import EngineConfig
+from moela.engine.llm import LLMEngine
 from moela.server.app import ServerConfig, build_app
 from moela.server.cli import DrainingServer
 from moela.server.worker import EngineWorker
@@ -270,7 +271,7 @@ def test_metrics_exposes_latencies_engine_state_and_expert_load(server):
 
 def test_new_logprobs_ignore_entries_the_engine_appended_after_the_output():
     from moela.engine.outputs import CompletionOutput
-    from moela.server.serving import all_logprobs, new_logprobs
+    from moela.server.endpoints import all_logprobs, new_logprobs
 
     live = [{5: -1.0}, {6: -2.0}, {7: -3.0}, {8: -4.0}]  # the engine's list, already one step further
     o = CompletionOutput(0, "", [5, 6, 7], None, live, None, "", [6, 7])

@@ -7,7 +7,8 @@ import threading
 import httpx
 import pytest
 
-from moela.engine.llm import EngineConfig, LLMEngine
+from moela.config import EngineConfig
+from moela.engine.llm import LLMEngine
 from test_server import MODEL_LEN, ThreadServer, sse_events, tiny_model, wait_for
 
 CACHE_TOKENS = 64  # 4 blocks of 16

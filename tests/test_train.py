@@ -14,7 +14,8 @@ from conftest import rel_err
 from moela.config import DEFAULT_MODEL_DIR, ModelConfig
 from moela.errors import CheckpointError, ConfigError
 from moela.loader import load_model, load_mtp
-from moela.model import Gate, StepContext
+from moela.models import StepContext
+from moela.models.layers import Gate
 from moela.train import data
 from moela.train.balance import RouterMonitor, max_violation
 from moela.train.cli import main as train_main

@@ -1,40 +1,102 @@
-"""BlockManager: the paged latent cache's bookkeeping, with prefix caching.
+"""The cache: its layout from the model's per-layer specs (CacheLayout: sizes, allocation, the
+start-up log) and its bookkeeping (BlockManager: blocks, slots, prefix caching).
 
-    bm = BlockManager(num_blocks=1024, block_size=64, enable_prefix_caching=True)
+    layout = CacheLayout(model.cache_specs(), torch.bfloat16, block_size=64)
+    num_blocks = layout.num_blocks(budget_bytes, num_slots)
+    caches = layout.allocate(num_blocks, num_slots, device)    # per layer: {spec name: tensor}
+    bm = BlockManager(num_blocks, block_size=64, enable_prefix_caching=True, num_slots=num_slots)
     cached = bm.allocate_prefix(seq)        # share the full prompt blocks already in the cache
-    ok = bm.ensure(seq, n_tokens)           # give seq enough blocks for its first n_tokens
+    ok = bm.ensure(seq, n_tokens)           # give seq enough blocks for its first n_tokens (and a slot)
     bm.commit(seq)                          # publish its full, computed blocks under their hash chain
     bm.free(seq)                            # drop its references (cached blocks stay until evicted)
 
-A full block is keyed by a hash chain over all tokens up to its end, so equal keys mean equal
-prefixes. Freed blocks that hold a key wait in an LRU pool and are reused by later requests with
-the same prefix; they are evicted (oldest first) only when no never-keyed block is left.
+Every paged kind grows with the token count at its fixed ratio, so one block table per sequence
+serves them all: block b holds block_size tokens' entries of every paged kind of every layer. Fixed
+kinds (a sliding window, carried-over state) live in per-sequence slots instead, one per running
+sequence. A full block is keyed by a hash chain over all tokens up to its end, so equal keys mean
+equal prefixes. Freed blocks that hold a key wait in an LRU pool and are reused by later requests
+with the same prefix; they are evicted (oldest first) only when no never-keyed block is left.
 """
 
 import hashlib
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from moela.engine.sequence import Sequence
+from moela.models.context import CacheSpec
 
 
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
-def cache_bytes_per_token(latent_dim: int, num_layers: int, dtype_bytes: int) -> int:
-    return latent_dim * num_layers * dtype_bytes
+@dataclass(frozen=True)
+class CacheLayout:
+    """The cache a model's specs ask for ([layer][spec]), in one dtype, block_size tokens per block."""
+
+    specs: list[list[CacheSpec]]
+    dtype: torch.dtype
+    block_size: int
+
+    def __post_init__(self) -> None:
+        for spec in self.all_specs():
+            if spec.paged and self.block_size % spec.tokens_per_entry:
+                raise ValueError(f"block_size = {self.block_size} is invalid for this model: its {spec.kind!r} cache "
+                                 f"keeps one entry per {spec.tokens_per_entry} tokens, so block_size must be a multiple")
+
+    def all_specs(self) -> list[CacheSpec]:
+        return [spec for layer in self.specs for spec in layer]
+
+    @property
+    def bytes_per_block(self) -> int:
+        itemsize = self.dtype.itemsize
+        return sum(self.block_size // s.tokens_per_entry * s.width * itemsize for s in self.all_specs() if s.paged)
+
+    @property
+    def bytes_per_token(self) -> int | float:
+        per_token = self.bytes_per_block / self.block_size
+        return int(per_token) if per_token.is_integer() else per_token
+
+    @property
+    def fixed_bytes_per_sequence(self) -> int:
+        return sum(s.fixed_bytes(self.dtype.itemsize) for s in self.all_specs())
+
+    def num_blocks(self, budget: int, num_slots: int) -> int:
+        """Blocks that fit in `budget` bytes once the slots of the fixed kinds are set aside."""
+        return (budget - num_slots * self.fixed_bytes_per_sequence) // self.bytes_per_block
+
+    def allocate(self, num_blocks: int, num_slots: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        def shape(s: CacheSpec) -> tuple[int, int, int]:
+            if s.paged:
+                return num_blocks, self.block_size // s.tokens_per_entry, s.width
+            return num_slots, s.entries_per_sequence, s.width
+
+        return [{s.name: torch.zeros(shape(s), dtype=self.dtype, device=device) for s in layer} for layer in self.specs]
+
+    def describe(self) -> list[str]:
+        """One line per cache kind: layers, values per entry, bytes per token and fixed bytes per sequence."""
+        kinds: dict[str, list[CacheSpec]] = defaultdict(list)
+        for spec in self.all_specs():
+            kinds[spec.kind].append(spec)
+        itemsize = self.dtype.itemsize
+        return [f"{kind}: {len(specs)} layers x {specs[0].width} values, "
+                f"{sum(s.bytes_per_token(itemsize) for s in specs):,.0f} bytes/token, "
+                f"{sum(s.fixed_bytes(itemsize) for s in specs):,} fixed bytes/sequence" for kind, specs in kinds.items()]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_slots: int = 0):
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, enable_prefix_caching
         self.ref = [0] * num_blocks
         self.key: list[bytes | None] = [None] * num_blocks
         self.by_key: dict[bytes, int] = {}
         self.free_plain: deque[int] = deque(range(num_blocks))
         self.free_keyed: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
+        self.free_slots: deque[int] = deque(range(num_slots))  # for models with fixed cache kinds
+        self.num_slots = num_slots
 
     @property
     def num_free(self) -> int:
@@ -84,11 +146,15 @@ class BlockManager:
         return max(0, -(-n_tokens // self.block_size) - len(seq.block_table))
 
     def ensure(self, seq: Sequence, n_tokens: int) -> bool:
-        """Give seq blocks for its first n_tokens; False (nothing allocated) if too few are free."""
+        """Give seq blocks for its first n_tokens, and a slot if the model has fixed kinds; False (nothing
+        allocated) if too few are free."""
         need = self.blocks_needed(seq, n_tokens)
-        if need > self.num_free:
+        want_slot = self.num_slots > 0 and seq.slot is None
+        if need > self.num_free or (want_slot and not self.free_slots):
             return False
         seq.block_table.extend(self._take() for _ in range(need))
+        if want_slot:
+            seq.slot = self.free_slots.popleft()
         return True
 
     def commit(self, seq: Sequence) -> None:
@@ -112,4 +178,6 @@ class BlockManager:
                     self.free_plain.append(block)
                 else:
                     self.free_keyed[block] = None
-        seq.block_table, seq.block_keys, seq.num_computed = [], [], 0
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+        seq.block_table, seq.block_keys, seq.num_computed, seq.slot = [], [], 0, None

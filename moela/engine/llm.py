@@ -12,76 +12,25 @@
 """
 
 import logging
+import math
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from moela.backends import cpu
-from moela.config import DEFAULT_MODEL_DIR, ModelConfig
-from moela.engine.cache import BlockManager, cache_bytes_per_token
+from moela import ops, quantize
+from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
-from moela.engine.scheduler import Scheduler, SchedulerConfig
-from moela.engine.sequence import Sequence
+from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
+from moela.engine.scheduler import Scheduler
+from moela.engine.sequence import Request, Sequence
 from moela.loader import load_model
-from moela.sampling import SamplingParams, apply_penalties, sample, top_logprobs
 from moela.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    model: str | Path | None = None  # None: the embedded default model
-    dtype: str = "bfloat16"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    kv_cache_memory: int | str | None = None  # bytes ("4GiB" works); default: max_num_seqs full contexts, <= 1/4 of RAM
-    block_size: int = 64
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
-    backend: str = "auto"  # "auto": the fastest backend for the device; "reference": plain PyTorch
-    scheduler: SchedulerConfig = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {sorted(DTYPES)}")
-        if self.backend not in ("auto", "reference"):
-            raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or 'reference'")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len = {self.max_model_len!r} is invalid: must be an integer >= 2")
-        self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
-        if self.kv_cache_memory is not None:
-            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
-
-
-def parse_bytes(value: int | str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    text = value.strip().lower() if isinstance(value, str) else ""
-    for unit, scale in units.items() if isinstance(value, str) else ():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * scale)
-            except ValueError:
-                break
-    raise ValueError(f"kv_cache_memory = {value!r} is invalid: use bytes or a size like '4GiB'")
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -89,36 +38,44 @@ class LLMEngine:
         path = Path(cfg.model) if cfg.model is not None else DEFAULT_MODEL_DIR
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
         self.tokenizer = None if cfg.skip_tokenizer_init else tokenizer or Tokenizer.from_pretrained(path)
-        self.model = model or load_model(path, dtype=DTYPES[cfg.dtype], cfg=self.model_cfg)
-        if cfg.backend == "auto" and cpu.supported(self.model):
-            cpu.prepack(self.model)
-            cpu.tune_allocator()
+        self.model = model or load_model(path, dtype=cfg.torch_dtype, device=cfg.device, cfg=self.model_cfg)
+        self.device = self.model.embed.weight.device
+        dtype = self.model.embed.weight.dtype
+        self.backend = ops.select(cfg.backend, self.device, dtype)
+        quantize.prepare(self.model, self.backend)
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
-        self.block_size = cfg.block_size
-        dtype_bytes = self.model.embed.weight.element_size()
-        self.bytes_per_token = cache_bytes_per_token(self.model_cfg.latent_dim, self.model_cfg.num_hidden_layers, dtype_bytes)
-        budget = self._cache_budget(cfg)
-        num_blocks = budget // (self.bytes_per_token * cfg.block_size)
+        layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
+        self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
+        num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
+        budget = self._cache_budget(cfg, layout)
+        num_blocks = layout.num_blocks(budget, num_slots)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory = {budget} bytes holds no {cfg.block_size}-token block "
-                             f"({self.bytes_per_token * cfg.block_size} bytes each)")
+                             f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
+                             f"{layout.fixed_bytes_per_sequence} bytes)")
         self.max_cached_tokens = num_blocks * cfg.block_size
-        log.info("latent KV cache: %d bytes/token, %d blocks x %d tokens = %d tokens (%.1f MiB)", self.bytes_per_token,
-                 num_blocks, cfg.block_size, self.max_cached_tokens, num_blocks * cfg.block_size * self.bytes_per_token / 2**20)
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        log.info("backend %s on %s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", self.backend.name,
+                 self.device, num_blocks, cfg.block_size, self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
+                 "".join(f"\n  {line}" for line in layout.describe()))
+        prefix_caching = cfg.enable_prefix_caching and not num_slots
+        if cfg.enable_prefix_caching and not prefix_caching:
+            log.info("prefix caching is off: this model keeps per-sequence state (%s) that cached blocks do not hold",
+                     ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
+        self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, num_blocks, cfg.block_size)
+        self.runner = Runner(self.model, layout, num_blocks, num_slots)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
 
-    def _cache_budget(self, cfg: EngineConfig) -> int:
+    def _cache_budget(self, cfg: EngineConfig, layout: CacheLayout) -> int:
+        """kv_cache_memory, or max_num_seqs whole contexts in whole blocks, at most 1/4 of the device's memory."""
         if cfg.kv_cache_memory is not None:
             return cfg.kv_cache_memory
-        ram = torch.cuda.mem_get_info()[1] if self.model.embed.weight.is_cuda else _physical_memory()
-        return min(cfg.max_num_seqs * self.max_model_len * self.bytes_per_token, ram // 4)
+        per_seq = math.ceil(self.max_model_len / cfg.block_size) * layout.bytes_per_block + layout.fixed_bytes_per_sequence
+        return min(cfg.max_num_seqs * per_seq, ops.device_memory(self.device) // 4)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
         params = params or SamplingParams()
@@ -132,7 +89,7 @@ class LLMEngine:
         req = Request(request_id, text, ids)
         for i in range(params.n):
             detok = self.tokenizer.stream() if self.tokenizer else None
-            seq = Sequence(request_id, i, list(ids), len(ids), params, params.generator(i), detok,
+            seq = Sequence(request_id, i, list(ids), len(ids), params, params.generator(i, self.device), detok,
                            first_sibling=req.seqs[0] if i else None)
             req.seqs.append(seq)
             self.scheduler.add(seq)
@@ -200,40 +157,38 @@ class LLMEngine:
         logits = apply_penalties(logits.clone(), [s.params for s in seqs], [(s.token_ids[: s.num_prompt_tokens], s.output_ids) for s in seqs])
         for row, seq in enumerate(seqs):
             if seq.num_output < seq.params.min_tokens:
-                stops = torch.tensor(sorted(set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)), dtype=torch.long)
-                logits[row, stops[stops < logits.shape[1]]] = float("-inf")
+                stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
+                logits[row, sorted(t for t in stops if t < logits.shape[1])] = float("-inf")
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        n_top = max((s.params.logprobs or 0) for s in seqs)
-        want = any(s.params.logprobs is not None for s in seqs)
-        chosen, top_ids, top_lp = top_logprobs(raw, tokens, n_top) if want else (None, None, None)
+        want = [s.params.logprobs for s in seqs]
+        if any(k is not None for k in want):  # to the host once: the chosen and the top logprobs of every row
+            chosen, top_ids, top_lp = (t.tolist() for t in top_logprobs(raw, tokens, max(k or 0 for k in want)))
         now = time.perf_counter()
-        for row, seq in enumerate(seqs):
-            token = int(tokens[row])
-            if seq.params.logprobs is not None:
-                entry = {token: float(chosen[row])}
-                k = seq.params.logprobs
-                entry.update({int(i): float(v) for i, v in zip(top_ids[row, :k], top_lp[row, :k])})
-                seq.logprobs.append(entry)
+        for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            if (k := want[row]) is not None:
+                seq.logprobs.append({token: chosen[row]} | dict(zip(top_ids[row][:k], top_lp[row][:k])))
             self.counters["generation_tokens"] += 1
             postprocess(seq, token, self.eos_ids, self.max_model_len, now)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
 
     def _prompt_logprobs(self, seq: Sequence, n: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk predicts (each row predicts the next prompt token)."""
         start = seq.num_computed
         if start == 0:
             seq.prompt_logprobs = [None]
+        rows = min(n, seq.num_prompt_tokens - start - 1)
+        if rows <= 0:
+            return
+        logp = logits[:rows].log_softmax(dim=-1)
+        targets = seq.token_ids[start + 1 : start + 1 + rows]
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs
-        logp = logits.log_softmax(dim=-1)
-        for r in range(n):
-            pos = start + r + 1
-            if pos >= seq.num_prompt_tokens:
-                break
-            target = seq.token_ids[pos]
-            entry = {target: float(logp[r, target])}
-            if k:
-                top = logp[r].topk(k)
-                entry.update({int(i): float(v) for i, v in zip(top.indices, top.values)})
+        top = [t.tolist() for t in logp.topk(k, dim=-1)] if k else None
+        for r, target in enumerate(targets):
+            entry = {target: chosen[r]}
+            if top:
+                entry.update(zip(top[1][r], top[0][r]))
             seq.prompt_logprobs.append(entry)
 
     def expert_load(self) -> dict[int, list[int]]:
@@ -245,12 +200,6 @@ class LLMEngine:
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": self.blocks.usage(),
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_queries,
                 "prefix_cache_hits": s.prefix_hits, **self.counters}
-
-
-def _physical_memory() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class LLM:

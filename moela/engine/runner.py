@@ -1,50 +1,58 @@
 """Runner: the device boundary. Packs a scheduled batch into one StepContext and runs one forward.
 
-    runner = Runner(model, num_blocks=512, block_size=64)
-    logits = runner.execute(batch)       # batch: [(seq, n_new_tokens)] from the scheduler
+    runner = Runner(model, CacheLayout(model.cache_specs(), dtype, 64), num_blocks=512)
+    logits, prompt_logits = runner.execute(batch)       # batch: [(seq, n_new_tokens)] from the scheduler
 
 Prefill chunks and decode tokens of every scheduled sequence go through the model together: one
 forward per step. Logits are computed only for the rows that are sampled (a sequence's last token
 when its chunk reaches the end of what it has) and, for prompt logprobs, every prompt row.
+
+Every tensor of a step is built on the host from the scheduler's integers and copied to the model's
+device once, before the forward; the attention ops plan their gathers from the host-side lengths in
+the StepContext, so the reference backend's layer loop never waits on the device. What still
+synchronises, once per step and outside the layer loop: the sampled token ids (and the logprobs
+asked for) come back to the host, which needs them to detokenize, stop and schedule the next step.
+Inside the loop, only backends whose MoE kernel runs one matmul per expert read the per-expert token
+counts on the host (the CPU backend's oneDNN packs: one small read per MoE layer); the reference's
+grouped matmul takes its offsets on the device.
 """
 
 import torch
 
+from moela.engine.cache import CacheLayout
 from moela.engine.sequence import Sequence
-from moela.model import StepContext, Transformer
+from moela.models import StepContext
 
 
 class Runner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
-        self.model, self.block_size = model, block_size
-        w = model.embed.weight
-        self.caches = [torch.zeros(num_blocks, block_size, model.cfg.latent_dim, dtype=w.dtype, device=w.device)
-                       for _ in range(model.cfg.num_hidden_layers)]
+    def __init__(self, model: torch.nn.Module, layout: CacheLayout, num_blocks: int, num_slots: int = 0):
+        self.model, self.block_size = model, layout.block_size
+        self.device = model.embed.weight.device
+        self.caches = layout.allocate(num_blocks, num_slots, self.device)
         model.attach_cache(self.caches)
 
     def context(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepContext]:
-        tokens, positions, slots = [], [], []
-        max_blocks = max(len(seq.block_table) for seq, _ in batch)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.long)
-        for b, (seq, n) in enumerate(batch):
+        tokens, positions, slots, bs = [], [], [], self.block_size
+        width = max(len(seq.block_table) for seq, _ in batch)
+        for seq, n in batch:
             start = seq.num_computed
-            tokens.extend(seq.token_ids[start : start + n])
-            pos = torch.arange(start, start + n)
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            tables[b, : len(table)] = table
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        ctx = StepContext(positions=torch.cat(positions), q_lens=[n for _, n in batch],
-                          kv_lens=[seq.num_computed + n for seq, n in batch], slot_mapping=torch.cat(slots),
-                          block_tables=tables)
-        return torch.tensor(tokens, dtype=torch.long), ctx
+            tokens += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        on_device = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        seq_slots = [seq.slot for seq, _ in batch]
+        ctx = StepContext(positions=on_device(positions), q_lens=[n for _, n in batch],
+                          kv_lens=[seq.num_computed + n for seq, n in batch], slot_mapping=on_device(slots),
+                          block_tables=on_device(tables), seq_slots=None if None in seq_slots else on_device(seq_slots))
+        return on_device(tokens), ctx
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Return (logits of each batch entry's last row [B, V], {b: logits of all of b's rows} for b in all_rows)."""
         tokens, ctx = self.context(batch)
         hidden = self.model(tokens, ctx.positions, ctx)
-        last = torch.tensor(ctx.q_starts[1:]) - 1
+        last = torch.tensor(ctx.q_starts[1:], device=self.device) - 1
         logits = self.model.logits(hidden[last]).float()
         every = {b: self.model.logits(hidden[ctx.q_starts[b] : ctx.q_starts[b + 1]]).float() for b in all_rows}
         return logits, every

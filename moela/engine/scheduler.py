@@ -14,21 +14,10 @@ kept, so greedy output is unchanged).
 """
 
 from collections import deque
-from dataclasses import dataclass
 
+from moela.config import SchedulerConfig
 from moela.engine.cache import BlockManager
 from moela.engine.sequence import Sequence, Status
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: must be an integer >= 1")
 
 
 class Scheduler:
@@ -41,9 +30,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget, batch = self.cfg.max_num_batched_tokens, []
@@ -93,7 +79,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

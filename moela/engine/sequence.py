@@ -1,7 +1,9 @@
-"""Sequence: one sample of one request, as the scheduler and block manager see it.
+"""Sequence: one sample of one request, as the scheduler and block manager see it; Request: the
+request whose n samples they are.
 
-Its tokens are the prompt followed by what it generated; `num_computed` of them have their latent in
-the cache (blocks listed in `block_table`). Text is detokenized incrementally and cut at stop strings.
+A sequence's tokens are the prompt followed by what it generated; `num_computed` of them are in the
+cache (the paged kinds in the blocks of `block_table`, the fixed kinds in its `slot`). Text is
+detokenized incrementally and cut at stop strings.
 """
 
 import time
@@ -10,7 +12,7 @@ from enum import Enum
 
 import torch
 
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 from moela.tokenizer import StreamDecoder
 
 
@@ -34,6 +36,7 @@ class Sequence:
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (last) admission
     block_table: list[int] = field(default_factory=list)
+    slot: int | None = None  # its buffers in the fixed cache kinds, while it runs (models that have any)
     block_keys: list[bytes] = field(default_factory=list)
     text: str = ""
     emitted_text: int = 0  # characters of `text` already streamed out
@@ -43,7 +46,6 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    num_preemptions: int = 0
     first_sibling: "Sequence | None" = None  # for samples 1..n-1: sample 0, whose prefilled blocks they share
 
     @property
@@ -61,3 +63,11 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.num_prompt_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence] = field(default_factory=list)

@@ -24,11 +24,11 @@ from starlette.responses import JSONResponse, Response
 
 from moela.server.chat import create_chat_completion
 from moela.server.completions import create_completion
+from moela.server.endpoints import Serving, as_api_error
 from moela.server.metrics import CONTENT_TYPE
 from moela.server.middleware import RequestGate
 from moela.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from moela.server.serving import Serving
-from moela.server.worker import EngineUnavailable, EngineWorker
+from moela.server.worker import EngineWorker, WorkerError
 
 log = logging.getLogger(__name__)
 REASONING_PARSERS = ("deepseek_r1",)
@@ -106,9 +106,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return await api_error(request, ApiError(e.status_code, str(e.detail), type=kind))
 
-    @app.exception_handler(EngineUnavailable)
-    async def engine_gone(request: Request, e: EngineUnavailable) -> JSONResponse:
-        return await api_error(request, ApiError(500, str(e), type="server_error"))
+    @app.exception_handler(WorkerError)
+    async def worker_error(request: Request, e: WorkerError) -> JSONResponse:
+        return await api_error(request, as_api_error(e))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:

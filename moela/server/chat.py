@@ -8,18 +8,18 @@ the `<think>` part in `reasoning_content`, split identically streamed or not.
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from moela.engine.outputs import CompletionOutput, RequestOutput
+from moela.server.endpoints import (Serving, all_logprobs, event_stream, logprob, new_logprobs, respond, token_text,
+                                    usage_of)
 from moela.server.protocol import ApiError, ChatCompletionRequest, ChatMessage, resolve_max_tokens, sampling_params
 from moela.server.reasoning import ReasoningSplitter
-from moela.server.serving import (DONE, EventStream, Serving, all_logprobs, collect, error_event, logprob,
-                                  new_logprobs, sse, token_text, usage_of)
 from moela.server.worker import Job
 from moela.tokenizer import Tokenizer
 
@@ -27,28 +27,33 @@ from moela.tokenizer import Tokenizer
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
     serving.check_model(req.model)
     _check_options(req)
-    job = serving.worker.open_job(1)  # the queue slot comes before the template renders
-    try:
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": serving.model_name}
+
+    async def submit(job: Job) -> None:
         ids = await run_in_threadpool(render, serving.tokenizer, req.messages)
         max_len, cache = serving.context_limits()
         name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = resolve_max_tokens(len(ids), getattr(req, name), max_len, cache, "messages", name)
         top = (req.top_logprobs or 0) if req.logprobs else None
         await job.submit([ids], [sampling_params(req, max_tokens, top, None)])
-    except BaseException:
-        job.close()
-        raise
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": serving.model_name}
-    if req.stream:
-        return EventStream(_stream(job, req, serving, {**head, "object": "chat.completion.chunk"}), cleanup=job.close)
-    try:
-        finals = await collect(job, request)
-    finally:
-        job.close()
-    if finals is None:
-        return Response(status_code=499)  # the client is gone
-    choices = [_choice(req, serving, o) for o in finals[0].outputs]
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage_of(finals)})
+
+    splitters = [ReasoningSplitter() for _ in range(req.n)]
+
+    def chunks(_, out: RequestOutput) -> Iterator[dict]:
+        for o in out.outputs:
+            if (chunk := _chunk(req, serving, o, splitters[o.index])) is not None:
+                yield chunk
+
+    def events(job: Job, _) -> AsyncIterator[str]:
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(req.n)]
+        return event_stream(job, req, {**head, "object": "chat.completion.chunk"}, chunks, opening)
+
+    def body(finals: dict[int, RequestOutput], _) -> dict:
+        choices = [_choice(req, serving, o) for o in finals[0].outputs]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(finals)}
+
+    return await respond(serving, request, req, 1, submit, events, body)
 
 
 def _check_options(req: ChatCompletionRequest) -> None:
@@ -104,27 +109,6 @@ def _logprobs(tok: Tokenizer, token_ids: list[int], entries: list[dict], top: in
         return [item(k, v) for k, v in sorted(entry.items(), key=lambda kv: -kv[1])[:top]]
 
     return [{**item(t, entry[t]), "top_logprobs": best(entry)} for t, entry in zip(token_ids, entries)]
-
-
-async def _stream(job: Job, req: ChatCompletionRequest, serving: Serving, head: dict) -> AsyncIterator[str]:
-    splitters = [ReasoningSplitter() for _ in range(req.n)]
-    finals: dict[int, RequestOutput] = {}
-    try:
-        for index in range(req.n):
-            yield sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-        async for i, out in job.outputs():
-            for o in out.outputs:
-                chunk = _chunk(req, serving, o, splitters[o.index])
-                if chunk is not None:
-                    yield sse({**head, "choices": [chunk]})
-            if out.finished:
-                finals[i] = out
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(finals)})
-    except Exception as e:
-        yield error_event(e)
-    yield DONE
 
 
 def _chunk(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput, splitter: ReasoningSplitter) -> dict | None:

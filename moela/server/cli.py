@@ -20,6 +20,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from moela.config import DTYPES, add_engine_args
 from moela.server.app import REASONING_PARSERS, ServerConfig, build_app
 from moela.server.worker import EngineWorker
 
@@ -38,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-queued-requests", type=int, default=256, help="requests waiting beyond those (then 503)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: from max-num-seqs)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    add_engine_args(p)
     p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="put <think>...</think> into reasoning_content")
@@ -65,14 +67,14 @@ def main(argv: list[str]) -> int:
 
 def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
     """The worker (whose thread will load the model) and the app; the config is checked here, up front."""
-    from moela.config import DEFAULT_MODEL_DIR, ModelConfig
-    from moela.engine.llm import EngineConfig, LLMEngine
+    from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+    from moela.engine.llm import LLMEngine
 
     path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not path.is_dir():
         raise ValueError(f"{path}: no such model directory")
     ModelConfig.from_pretrained(path)  # an unsupported model fails before the server starts
-    engine_cfg = EngineConfig(model=path, dtype=args.dtype, max_model_len=args.max_model_len,
+    engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, max_model_len=args.max_model_len,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")

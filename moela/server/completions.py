@@ -9,17 +9,17 @@ Choice `index` is prompt_index * n + sample_index, as in OpenAI's API.
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from moela.engine.outputs import CompletionOutput, RequestOutput
+from moela.server.endpoints import (Serving, all_logprobs, event_stream, logprob, new_logprobs, respond, token_text,
+                                    usage_of)
 from moela.server.protocol import ApiError, CompletionRequest, resolve_max_tokens, sampling_params
-from moela.server.serving import (DONE, EventStream, Serving, all_logprobs, collect, error_event, logprob,
-                                  new_logprobs, sse, token_text, usage_of)
 from moela.server.worker import Job
 from moela.tokenizer import Tokenizer
 
@@ -29,30 +29,27 @@ async def create_completion(req: CompletionRequest, request: Request, serving: S
     prompts = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else req.prompt
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ApiError(400, "prompt is empty", param="prompt")
-    job = serving.worker.open_job(len(prompts))  # the queue slot comes before any tokenizing
-    try:
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": serving.model_name}
+
+    async def submit(job: Job) -> list[str]:
         ids, texts = await run_in_threadpool(_tokenize, serving, prompts)
         max_len, cache = serving.context_limits()
         params = [sampling_params(req, resolve_max_tokens(len(p), req.max_tokens, max_len, cache, "prompt"), req.logprobs,
                                   req.logprobs if req.echo else None) for p in ids]
         await job.submit(ids, params)
-    except BaseException:
-        job.close()
-        raise
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": serving.model_name}
-    if req.stream:
-        return EventStream(_stream(job, req, serving, texts, head), cleanup=job.close)
-    try:
-        finals = await collect(job, request)
-    finally:
-        job.close()
-    if finals is None:
-        return Response(status_code=499)  # the client is gone
-    tok = serving.tokenizer
-    choices = [_choice(req, tok, i, texts[i], finals[i], o, (o.text, o.token_ids, all_logprobs(o)), req.echo)
-               for i in sorted(finals) for o in finals[i].outputs]
-    return JSONResponse({**head, "choices": choices, "usage": usage_of(finals)})
+        return texts
+
+    def events(job: Job, texts: list[str]) -> AsyncIterator[str]:
+        return event_stream(job, req, head, _chunker(req, serving.tokenizer, texts))
+
+    def body(finals: dict[int, RequestOutput], texts: list[str]) -> dict:
+        tok = serving.tokenizer
+        choices = [_choice(req, tok, i, texts[i], finals[i], o, (o.text, o.token_ids, all_logprobs(o)), req.echo)
+                   for i in sorted(finals) for o in finals[i].outputs]
+        return {**head, "choices": choices, "usage": usage_of(finals)}
+
+    return await respond(serving, request, req, len(prompts), submit, events, body)
 
 
 def _is_ids(prompt: list) -> bool:
@@ -102,24 +99,19 @@ def _logprobs(tok: Tokenizer, token_ids: list[int], entries: list[dict | None], 
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-async def _stream(job: Job, req: CompletionRequest, serving: Serving, texts: list[str], head: dict) -> AsyncIterator[str]:
-    tok, started, offsets = serving.tokenizer, set(), {}
-    finals: dict[int, RequestOutput] = {}
-    try:
-        async for i, out in job.outputs():
-            for o in out.outputs:
-                key, echo = (i, o.index), req.echo and (i, o.index) not in started
-                if not (o.delta_text or o.delta_token_ids or o.finish_reason):
-                    continue
-                piece = (o.delta_text, o.delta_token_ids, new_logprobs(o))
-                choice = _choice(req, tok, i, texts[i], out, o, piece, echo, offsets.get(key, 0))
-                started.add(key)
-                offsets[key] = offsets.get(key, 0) + len(choice["text"])
-                yield sse({**head, "choices": [choice]})
-            if out.finished:
-                finals[i] = out
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(finals)})
-    except Exception as e:
-        yield error_event(e)
-    yield DONE
+def _chunker(req: CompletionRequest, tok: Tokenizer, texts: list[str]):
+    """The streamed choices of each output: echo (the prompt) in the first chunk of each choice only."""
+    started, offsets = set(), {}
+
+    def chunks(i: int, out: RequestOutput) -> Iterator[dict]:
+        for o in out.outputs:
+            key = (i, o.index)
+            if not (o.delta_text or o.delta_token_ids or o.finish_reason):
+                continue
+            piece = (o.delta_text, o.delta_token_ids, new_logprobs(o))
+            choice = _choice(req, tok, i, texts[i], out, o, piece, req.echo and key not in started, offsets.get(key, 0))
+            started.add(key)
+            offsets[key] = offsets.get(key, 0) + len(choice["text"])
+            yield choice
+
+    return chunks

@@ -20,6 +20,16 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
                    80.0)
 
 
+GAUGES = [("moela:num_requests_running", "Sequences in the running batch.", "running"),
+          ("moela:num_requests_waiting", "Sequences waiting to be scheduled.", "waiting"),
+          ("moela:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_cache_usage")]
+COUNTERS = [("moela:num_preemptions", "Sequences preempted (recomputed later).", "num_preemptions"),
+            ("moela:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
+            ("moela:generation_tokens", "Tokens generated.", "generation_tokens"),
+            ("moela:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("moela:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits")]
+
+
 class ServerMetrics:
     def __init__(self, snapshot: Callable[[], dict]):
         self.registry = CollectorRegistry()
@@ -43,18 +53,10 @@ class EngineCollector:
         s = self.snapshot()
         if not s:  # still loading
             return
-        yield GaugeMetricFamily("moela:num_requests_running", "Sequences in the running batch.", value=s["running"])
-        yield GaugeMetricFamily("moela:num_requests_waiting", "Sequences waiting to be scheduled.", value=s["waiting"])
-        yield GaugeMetricFamily("moela:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
-                                value=s["kv_cache_usage"])
-        yield CounterMetricFamily("moela:num_preemptions", "Sequences preempted (recomputed later).",
-                                  value=s["num_preemptions"])
-        yield CounterMetricFamily("moela:prompt_tokens", "Prompt tokens admitted.", value=s["prompt_tokens"])
-        yield CounterMetricFamily("moela:generation_tokens", "Tokens generated.", value=s["generation_tokens"])
-        yield CounterMetricFamily("moela:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=s["prefix_cache_queries"])
-        yield CounterMetricFamily("moela:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                  value=s["prefix_cache_hits"])
+        for name, doc, key in GAUGES:
+            yield GaugeMetricFamily(name, doc, value=s[key])
+        for name, doc, key in COUNTERS:
+            yield CounterMetricFamily(name, doc, value=s[key])
         queries = s["prefix_cache_queries"]
         yield GaugeMetricFamily("moela:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries since start.",
                                 value=s["prefix_cache_hits"] / queries if queries else 0.0)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moela.sampling import MAX_LOGPROBS, SamplingParams
+from moela.engine.sampler import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16  # samples per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request

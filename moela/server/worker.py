@@ -2,9 +2,9 @@
 
     worker = EngineWorker(lambda: LLMEngine(cfg), capacity=64 + 256)
     worker.start(asyncio.get_running_loop())  # builds the engine, runs a warm-up forward, then state "ready"
-    job = worker.open_job(num_prompts)        # reserves queue slots first: ApiError 503 when full
+    job = worker.open_job(num_prompts)        # reserves queue slots first: NotReady / QueueFull / OverCapacity
     try:
-        await job.submit(prompt_ids, params)  # the engine's refusal (ValueError) is raised here
+        await job.submit(prompt_ids, params)  # the engine's refusal is raised here as Rejected
         async for index, out in job.outputs(): ...   # RequestOutputs of each prompt, the last one finished
     finally:
         job.close()                           # aborts what is unfinished (a client that left) and frees the slots
@@ -13,7 +13,8 @@ Commands (add, abort, stop) reach the engine thread through a queue and are appl
 each step's outputs come back with `loop.call_soon_threadsafe`. Only the event loop touches jobs,
 slots and latency metrics; only the engine thread touches the engine, publishing its stats as
 `snapshot` for /metrics. If the engine raises, every request in flight fails, the state becomes
-"dead" (so /health says 503) and `on_dead` asks the server to exit.
+"dead" (so /health says 503) and `on_dead` asks the server to exit. The worker raises its own
+errors (WorkerError and subclasses); the app maps them to HTTP.
 """
 
 import asyncio
@@ -27,16 +28,35 @@ from dataclasses import dataclass
 
 from moela.engine.llm import LLMEngine
 from moela.engine.outputs import RequestOutput
-from moela.sampling import SamplingParams
+from moela.engine.sampler import SamplingParams
 from moela.server.metrics import ServerMetrics
-from moela.server.protocol import ApiError
 
 log = logging.getLogger(__name__)
 EXPERT_LOAD_PERIOD = 1.0  # seconds between reads of the expert counters while busy
 
 
-class EngineUnavailable(RuntimeError):
+class WorkerError(Exception):
+    """What the worker refuses or fails with; the app turns each kind into its HTTP status."""
+
+
+class EngineUnavailable(WorkerError):
     """The engine failed or is shutting down: requests in flight end with this error."""
+
+
+class NotReady(WorkerError):
+    """The server is loading, draining or stopped: no new requests."""
+
+
+class QueueFull(WorkerError):
+    """Every request slot is taken; the client may retry shortly."""
+
+
+class OverCapacity(WorkerError):
+    """One HTTP request asks for more engine requests than the server ever holds at once."""
+
+
+class Rejected(WorkerError):
+    """The engine refused a request at admission (the client's fault: too long, bad ids)."""
 
 
 @dataclass(eq=False)
@@ -116,14 +136,11 @@ class EngineWorker:
 
     def open_job(self, num_requests: int) -> Job:
         if self.state != "ready":
-            raise ApiError(503, f"the server is {self.state}", type="service_unavailable", code="unavailable",
-                           headers={"Retry-After": "5"})
+            raise NotReady(f"the server is {self.state}")
         if num_requests > self.capacity:
-            raise ApiError(400, f"{num_requests} prompts exceed the server's capacity of {self.capacity} requests",
-                           param="prompt")
+            raise OverCapacity(f"{num_requests} prompts exceed the server's capacity of {self.capacity} requests")
         if self.in_flight + num_requests > self.capacity:
-            raise ApiError(503, f"the request queue is full ({self.in_flight} of {self.capacity} slots in use)",
-                           type="service_unavailable", code="queue_full", headers={"Retry-After": "1"})
+            raise QueueFull(f"the request queue is full ({self.in_flight} of {self.capacity} slots in use)")
         self.in_flight += num_requests
         return Job(self, num_requests)
 
@@ -234,7 +251,7 @@ class EngineWorker:
         try:
             self.engine.add_request(prompt, params, rid)
         except ValueError as e:  # the engine's own admission checks: the client's fault
-            error = ApiError(400, str(e), param="prompt")
+            error = Rejected(str(e))
         except Exception as e:  # this request alone fails
             log.exception("add_request failed")
             error = e

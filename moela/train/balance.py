@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moela.model import Gate
+from moela.models.layers import Gate
 
 
 class RouterMonitor:

@@ -27,14 +27,13 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from moela.config import DEFAULT_MODEL_DIR, ModelConfig
+from moela.config import DEFAULT_MODEL_DIR, DTYPES, ModelConfig
 from moela.errors import MoelaError
 from moela.train import data
 from moela.train.loop import Trainer, TrainConfig, check_run, read_trainer_state
 from moela.train.report import model_card, param_counts, plot_losses
 
 DEFAULT_CONFIG = DEFAULT_MODEL_DIR / "config.json"
-SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("moela.train")
 
 
@@ -68,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT/checkpoints")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to continue from")
-    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="bfloat16", help="dtype of the final model")
+    p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of the final model")
     p.add_argument("--sample-prompt", default="def fibonacci(n):", help="prompt of the greedy sample in the model card")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 is faster on a busy machine)")
@@ -152,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     max_vio = train_loop(args, trainer, tok, ckpt_dir, rank)
     heldout_loss = trainer.evaluate()
     say(rank, f"final held-out loss {heldout_loss:.4f} (perplexity {torch.tensor(heldout_loss).exp():.2f})")
-    save_checkpoint(trainer, tok, args.out, SAVE_DTYPES[args.save_dtype], state=False)
+    save_checkpoint(trainer, tok, args.out, DTYPES[args.save_dtype], state=False)
     if rank == 0:
         facts |= {"heldout_loss": heldout_loss, "wall_min": (time.perf_counter() - start) / 60, "max_vio": max_vio}
         (args.out / "README.md").write_text(model_card(card_facts(args, trainer, windows, facts)), encoding="utf-8")
@@ -189,7 +188,7 @@ def train_loop(args: argparse.Namespace, trainer: Trainer, tok: Tokenizer, ckpt_
 def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts: dict) -> dict:
     """Everything model_card() prints: the command, corpus, architecture, budget and results."""
     from moela.engine.llm import LLM
-    from moela.sampling import SamplingParams
+    from moela.engine.sampler import SamplingParams
 
     tc, heldout = trainer.tc, windows["heldout"]
     if not args.corpus:

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from moela.config import ModelConfig
 from moela.errors import CheckpointError, ConfigError
 from moela.loader import load_model, load_mtp, save_model
-from moela.model import Gate, StepContext, Transformer
+from moela.models import StepContext, Transformer
+from moela.models.layers import Gate
 from moela.train.balance import RouterMonitor, max_violation
 from moela.train.mtp import MTP
 from moela.train.optim import build_optimizers, lr_at, set_lr

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from moela.config import ModelConfig
-from moela.model import Block, RMSNorm, StepContext, Transformer
+from moela.models import StepContext, Transformer
+from moela.models.deepseek import Block
+from moela.models.layers import RMSNorm
 
 
 class MTP(nn.Module):

@@ -1,7 +1,7 @@
 """Calibrate the cost model: time moela's own decode on this machine and set it beside the roofline.
 
-    from moela.cost_catalog import load_model
-    from moela.cost_measure import measure_decode
+    from moela.cost.catalog import load_model
+    from moela.cost.measure import measure_decode
     measure_decode(load_model("bench-1b"), batch=1, context=128)
     # {"tokens_per_s": 21.3, "roofline_tokens_per_s": 45.0, "ratio": 0.47, ...}
 
@@ -11,31 +11,59 @@ then times `steps` engine steps in which every sequence decodes one token (sched
 MLA path over the paged latent cache, sampling).
 """
 
-import math
-import os
 import time
 
 import torch
 
-from moela import cost
-from moela.config import MODEL_TYPES, ModelConfig
-from moela.cost_catalog import CatalogModel, measure_local
-from moela.engine.llm import EngineConfig, LLMEngine
-from moela.model import Gate, Transformer
-from moela.sampling import SamplingParams
+from moela import ops
+from moela.config import MODEL_TYPES, EngineConfig, ModelConfig
+from moela.cost import formulas as cost
+from moela.cost.catalog import CatalogModel
+from moela.cost.formulas import Hardware
+from moela.engine.llm import LLMEngine
+from moela.engine.sampler import SamplingParams
+from moela.models import Transformer, build_model
 
 MAX_MEMORY_SHARE = 0.5  # refuse shapes whose bf16 weights need more than this share of RAM
 
 
+def _best_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: page faults, thread pool
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(mib: int = 128, repeats: int = 3) -> float:
+    """Bytes per second (read + write) of a torch copy of a `mib` MiB bf16 tensor, best of `repeats`."""
+    src = torch.ones(mib * 2**19, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), repeats)
+
+
+def measure_local() -> Hardware:
+    """This machine, measured now with torch on the CPU: copy bandwidth and bf16 matmul rate."""
+    bandwidth = copy_bandwidth()
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    flops = 2 * 2048**3 / _best_seconds(lambda: a @ b)
+    threads = torch.get_num_threads()
+    sources = {
+        "memory_gb": "this machine: physical memory",
+        "bandwidth_tbs": f"measured now: best of 3 torch copies of a 128 MiB bf16 tensor (read + write), "
+                         f"{threads} threads",
+        "bf16": f"measured now: best of 3 torch bf16 2048x2048 matmuls, {threads} threads",
+    }
+    return Hardware(f"this machine (CPU, {threads} torch thread{'s' * (threads > 1)})",
+                    ops.device_memory(torch.device("cpu")) / 1e9, bandwidth / 1e12, {"bf16": flops / 1e12}, sources)
+
+
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A bf16 model on the CPU with N(0, 0.02) matrices and unit norms."""
-    with torch.device("meta"):
-        model = Transformer(cfg).to(torch.bfloat16)
-    model.to_empty(device="cpu")
-    for m in model.modules():
-        if isinstance(m, Gate) and m.bias is not None:
-            m.bias = torch.zeros(cfg.n_routed_experts)  # fp32, as the loader keeps it
-    model.init_buffers()
+    """A bf16 model on the CPU with N(0, 0.02) matrices, unit norms and zero router biases."""
+    model = build_model(cfg, torch.bfloat16, "cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,6 +71,9 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+        for name, b in model.named_buffers():
+            if name.endswith("gate.bias"):
+                b.zero_()
     return model.eval()
 
 
@@ -50,7 +81,7 @@ def _check_runnable(m: CatalogModel) -> ModelConfig:
     if m.config.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"--measure runs moela's model, which supports {', '.join(MODEL_TYPES)}; "
                          f"{m.key} is {m.config.get('model_type')} (try bench-1b)")
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = ops.device_memory(torch.device("cpu"))
     need = cost.weight_bytes(m.shape, "bf16")
     if need > MAX_MEMORY_SHARE * ram:
         raise ValueError(f"--measure builds {m.key} in bf16 here: {need / 1e9:.1f} GB of weights, more than "
@@ -58,14 +89,10 @@ def _check_runnable(m: CatalogModel) -> ModelConfig:
     return ModelConfig.from_dict(m.config)
 
 
-def _time_decode(model: Transformer, batch: int, context: int, steps: int, block: int = 64) -> float:
+def _time_decode(model: Transformer, batch: int, context: int, steps: int, backend: str) -> float:
     """Seconds per engine step once every sequence decodes (prefill and one warm-up step untimed)."""
-    max_len = context + steps + 2
-    per_token = model.cfg.latent_dim * model.cfg.num_hidden_layers * 2  # bf16 latent cache
-    cache = batch * (math.ceil(max_len / block) + 1) * block * per_token
-    cfg = EngineConfig(max_model_len=max_len, max_num_seqs=batch, skip_tokenizer_init=True, block_size=block,
-                       kv_cache_memory=cache, max_num_batched_tokens=max(2048, context),
-                       enable_prefix_caching=False)
+    cfg = EngineConfig(max_model_len=context + steps + 2, max_num_seqs=batch, skip_tokenizer_init=True,
+                       max_num_batched_tokens=max(2048, context), enable_prefix_caching=False, backend=backend)
     engine = LLMEngine(cfg, model=model)
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
@@ -81,10 +108,10 @@ def _time_decode(model: Transformer, batch: int, context: int, steps: int, block
     return (time.perf_counter() - start) / steps
 
 
-def measure_decode(m: CatalogModel, batch: int, context: int, steps: int = 16) -> dict:
+def measure_decode(m: CatalogModel, batch: int, context: int, steps: int = 16, backend: str = "auto") -> dict:
     cfg = _check_runnable(m)
     hw = measure_local()
-    seconds = _time_decode(random_model(cfg), batch, context, steps)
+    seconds = _time_decode(random_model(cfg), batch, context, steps, backend)
     mid = context + 1 + steps // 2  # mean context over the timed steps
     roof = cost.decode_roofline(m.shape, hw, batch, mid, "bf16", devices=1)
     measured = batch / seconds

@@ -1,26 +1,27 @@
-"""What /v1/completions and /v1/chat/completions share: the serving context, SSE framing, usage,
-logprob text, disconnect watching, and the streaming response that always cleans up.
+"""What /v1/completions and /v1/chat/completions share: the serving context, the one request
+skeleton (queue slot, submit, stream or collect), SSE framing, usage, logprob text, disconnect
+watching, the streaming response that always cleans up, and the worker's errors as HTTP errors.
 
     serving = Serving(worker, model_name="my-model", reasoning=False)
     serving.check_model(req.model)                          # ApiError 404 for another name
-    finals = await collect(job, request)                    # None when the client left first
-    return EventStream(events(), cleanup=job.close)         # cleanup runs even if no byte was sent
+    return await respond(serving, request, req, n_prompts, submit, events, body)
+    # submit(job) tokenizes and submits; events(job, state) streams; body(finals, state) is the JSON answer
 """
 
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from moela.engine.outputs import CompletionOutput, RequestOutput
-from moela.server.protocol import ApiError
-from moela.server.worker import EngineUnavailable, EngineWorker, Job
+from moela.server.protocol import ApiError, SamplingRequest
+from moela.server.worker import EngineWorker, Job, NotReady, OverCapacity, QueueFull, Rejected, WorkerError
 from moela.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,69 @@ def sse(obj: Any) -> str:
 DONE = "data: [DONE]\n\n"
 
 
+def as_api_error(e: WorkerError) -> ApiError:
+    """The worker's refusals and failures as OpenAI error bodies with their HTTP status."""
+    if isinstance(e, NotReady):
+        return ApiError(503, str(e), type="service_unavailable", code="unavailable", headers={"Retry-After": "5"})
+    if isinstance(e, QueueFull):
+        return ApiError(503, str(e), type="service_unavailable", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, (OverCapacity, Rejected)):
+        return ApiError(400, str(e), param="prompt")
+    return ApiError(500, str(e), type="server_error")
+
+
 def error_event(e: Exception) -> str:
     """The last event of a stream that failed: the OpenAI error body (then [DONE])."""
     if isinstance(e, ApiError):
         return sse(e.body())
-    if not isinstance(e, EngineUnavailable):
-        log.exception("a streaming request failed")
+    if isinstance(e, WorkerError):
+        return sse(as_api_error(e).body())
+    log.exception("a streaming request failed")
     return sse(ApiError(500, str(e) or type(e).__name__, type="server_error").body())
+
+
+async def respond(serving: "Serving", request: Request, req: SamplingRequest, num_prompts: int,
+                  submit: Callable[[Job], Awaitable[Any]], events: Callable[[Job, Any], AsyncIterator[str]],
+                  body: Callable[[dict[int, RequestOutput], Any], dict]) -> Response:
+    """Reserve the queue slots (before any tokenizing), submit, then stream `events` or answer `body`.
+
+    `submit(job)` returns a state (prompt texts, say) that `events` and `body` receive; the job is
+    closed however the request ends, which aborts what is unfinished."""
+    job = serving.worker.open_job(num_prompts)
+    try:
+        state = await submit(job)
+    except BaseException:
+        job.close()
+        raise
+    if req.stream:
+        return EventStream(events(job, state), cleanup=job.close)
+    try:
+        finals = await collect(job, request)
+    finally:
+        job.close()
+    if finals is None:
+        return Response(status_code=499)  # the client is gone
+    return JSONResponse(body(finals, state))
+
+
+async def event_stream(job: Job, req: SamplingRequest, head: dict, choices: Callable[[int, RequestOutput], Iterable[dict]],
+                       opening: Iterable[dict] = ()) -> AsyncIterator[str]:
+    """One SSE event per choice chunk of each output (after the `opening` ones), the usage event when asked
+    for, an error event if the request fails midway, then [DONE]."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        for choice in opening:
+            yield sse({**head, "choices": [choice]})
+        async for i, out in job.outputs():
+            for choice in choices(i, out):
+                yield sse({**head, "choices": [choice]})
+            if out.finished:
+                finals[i] = out
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_of(finals)})
+    except Exception as e:
+        yield error_event(e)
+    yield DONE
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""SamplingParams (vLLM's fields, validated once) and the batched sampler.
+"""SamplingParams (vLLM's fields, validated once) and the batched sampler, on the logits' device.
 
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64, stop=["\\n\\n"], seed=1)
-    tokens, logprobs = sample(logits, [params_a, params_b], [gen_a, gen_b], histories)
+    logits = apply_penalties(logits, [params_a, params_b], histories)
+    tokens = sample(logits, [params_a, params_b], [gen_a, gen_b])       # [B] on logits.device
 
-Each request draws its randomness from its own generator (seeded from `seed`), so a seeded request
-gives the same tokens whatever else shares its batch.
+Each request draws its randomness from its own generator (seeded from `seed`, on the engine's
+device), so a seeded request gives the same tokens whatever else shares its batch.
 """
 
 import math
@@ -81,22 +82,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def generator(self, index: int = 0) -> torch.Generator | None:
-        """The generator of the index-th sample; None (the global RNG) when no seed is set."""
+    def generator(self, index: int = 0, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The generator of the index-th sample on device; None (the global RNG) when no seed is set."""
         if self.seed is None:
             return None
-        return torch.Generator().manual_seed((self.seed + index) % 2**63)
+        return torch.Generator(device=device).manual_seed((self.seed + index) % 2**63)
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Repetition penalty over prompt + output (HF's rule); presence/frequency over the output (OpenAI's)."""
     for row, (p, (prompt, output)) in enumerate(zip(params, histories)):
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output:
-            counts = torch.bincount(torch.tensor(output), minlength=logits.shape[1])[: logits.shape[1]].float()
+            ids = torch.tensor(output, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.shape[1])[: logits.shape[1]].float()
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
@@ -107,19 +109,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
-    x = logits[rows] / torch.tensor([params[i].temperature for i in rows])[:, None]
-    top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else x.shape[1] for i in rows])
-    top_p = torch.tensor([float(params[i].top_p) for i in rows])
-    min_p = torch.tensor([float(params[i].min_p) for i in rows])
+    on_device = lambda values: torch.tensor(values, device=logits.device)  # noqa: E731
+    x = logits[rows] / on_device([params[i].temperature for i in rows])[:, None]
+    top_k = on_device([params[i].top_k if params[i].top_k > 0 else x.shape[1] for i in rows])
+    top_p = on_device([float(params[i].top_p) for i in rows])
+    min_p = on_device([float(params[i].min_p) for i in rows])
     sorted_x, order = x.sort(dim=-1, descending=True)
-    ranks = torch.arange(x.shape[1])[None, :]
+    ranks = torch.arange(x.shape[1], device=logits.device)[None, :]
     drop = ranks >= top_k[:, None]
     probs = sorted_x.softmax(dim=-1)
     drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keep the smallest prefix reaching top_p
     drop |= probs < min_p[:, None] * probs[:, :1]
     probs = probs.masked_fill(drop, 0.0)
     for j, i in enumerate(rows):  # exponential race: argmax(p / E), E ~ Exp(1) from the request's own generator
-        noise = torch.empty(probs.shape[1]).exponential_(generator=generators[i])
+        noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=generators[i])
         tokens[i] = order[j, (probs[j] / noise).argmax()]
     return tokens
 

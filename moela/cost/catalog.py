@@ -1,28 +1,28 @@
 """Catalogs for `moela cost`: public model configs and chip figures shipped as JSON, and this machine.
 
-    from moela.cost_catalog import load_model, load_hardware
+    from moela.cost.catalog import load_model, load_hardware
     model = load_model("r1")           # CatalogModel(key="deepseek-v3", shape=CostShape(...), ...)
     model = load_model("ckpt/config.json")   # any DeepSeek-V2/V3/V3.2/V4 or Kimi K2 config.json
     h800 = load_hardware("h800")       # Hardware with a source for every figure
     here = load_hardware("local")      # measured now (about a second): copy bandwidth, bf16 matmul rate
 
-Model entries (moela/catalog/models.json) keep HF config.json field names; `shape_from_config`
-turns one into the CostShape that moela.cost computes with. Names match case-insensitively, with or
-without the "deepseek-" prefix, or through an entry's aliases.
+Model entries (models.json beside this file) keep HF config.json field names; `shape_from_config`
+turns one into the CostShape that moela.cost.formulas computes with. Names match case-insensitively,
+with or without the "deepseek-" prefix, or through an entry's aliases. The benchmark shapes
+(`bench-1b`, `bench-tiny`) are entries too: `moela bench`, `moela cost --measure` and the tests all
+read them from here.
 """
 
 import json
-import os
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moela.config import ModelConfig
-from moela.cost import CostShape, Hardware
+from moela.cost.formulas import CostShape, Hardware
 
-CATALOG = Path(__file__).parent / "catalog"
+CATALOG = Path(__file__).parent
 LOCAL_NAMES = ("local", "cpu")
 _V4_LAYER_TYPES = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 
@@ -87,6 +87,8 @@ def load_model(name: str) -> CatalogModel:
 
 def load_hardware(name: str) -> Hardware:
     if name.lower() in LOCAL_NAMES:
+        from moela.cost.measure import measure_local
+
         return measure_local()
     table = _read("hardware.json")
     key = _find(table, name)
@@ -156,35 +158,3 @@ def shape_from_model_config(cfg: ModelConfig, name: str = "model") -> CostShape:
         n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
         top_k=cfg.num_experts_per_tok, n_dense_layers=cfg.first_k_dense_replace,
     )
-
-
-def _best_seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: page faults, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_local() -> Hardware:
-    """This machine, measured now with torch on the CPU: copy bandwidth and bf16 matmul rate."""
-    import torch
-
-    src = torch.ones(64 * 2**20, dtype=torch.bfloat16)  # 128 MiB
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src))  # bytes read + written
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    flops = 2 * 2048**3 / _best_seconds(lambda: a @ b)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    threads = torch.get_num_threads()
-    sources = {
-        "memory_gb": "this machine: physical memory (sysconf)",
-        "bandwidth_tbs": f"measured now: best of 3 torch copies of a 128 MiB bf16 tensor (read + write), "
-                         f"{threads} threads",
-        "bf16": f"measured now: best of 3 torch bf16 2048x2048 matmuls, {threads} threads",
-    }
-    return Hardware(f"this machine (CPU, {threads} torch thread{'s' * (threads > 1)})", memory / 1e9, bandwidth / 1e12,
-                    {"bf16": flops / 1e12}, sources)

@@ -1,14 +1,14 @@
 """Cost model for DeepSeek-family models: parameters, cache bytes, FLOPs, roofline speed and price.
 
-    from moela.cost import param_counts, cache_bytes_per_token, decode_roofline
-    from moela.cost_catalog import load_model, load_hardware
+    from moela.cost.formulas import param_counts, cache_bytes_per_token, decode_roofline
+    from moela.cost.catalog import load_model, load_hardware
     shape = load_model("deepseek-v3").shape
     param_counts(shape).total                                  # 671,026,404,352
     cache_bytes_per_token(shape, "bf16")                       # 70,272.0 (the MLA latent)
     decode_roofline(shape, load_hardware("h800"), batch=64, context=4096, dtype="fp8")
 
-Math only: every number follows from a config (docs ARCHITECTURE-SPEC section 5 gives the exact
-parameter formulas) and a chip's datasheet figures (the roofline method of docs PERF-ANCHORS).
+Math only: every number follows from a config and a chip's datasheet figures (docs/cost-model.md
+gives the formulas and the roofline method).
 Three attention kinds: "mla" (V2, V3, Kimi K2: the cache holds the latent c_KV and k_pe), "dsa"
 (V3.2: MLA plus a lightning indexer whose keys are cached too and which picks index_topk keys),
 "v4" (one shared K=V head of head_dim; sliding-window, CSA and HCA layers with compressed caches).
@@ -101,7 +101,7 @@ class ParamCounts:
         return self.total - self.embedding - self.routed
 
 
-# ---- parameters (ARCHITECTURE-SPEC section 5, exact) ----
+# ---- parameters (exact: equal to the count of the built model; docs/cost-model.md) ----
 
 def attention_params(s: CostShape, kind: str = "") -> int:
     """One layer's attention; `kind` is "sliding", "csa" or "hca" for V4 layers."""
@@ -295,6 +295,15 @@ def max_sequences(s: CostShape, hw: Hardware, dtype: str, kv_dtype: str, devices
     return int(free_bytes(s, hw, dtype, devices) // cache_bytes_per_sequence(s, context, kv_dtype))
 
 
+def decode_bytes(s: CostShape, batch: int, context: int, dtype: str, kv_dtype: str | None = None) -> tuple[float, float]:
+    """(weight bytes, cache bytes) one decode step of `batch` sequences at `context` reads: every
+    always-read weight, the expected distinct routed experts of the batch, each sequence's cache."""
+    p = param_counts(s)
+    touched = p.moe_layers * expected_experts(s.n_routed_experts, s.top_k, batch) * p.expert
+    return ((p.always_read + touched) * DTYPE_BYTES[dtype],
+            batch * kv_read_values(s, context) * DTYPE_BYTES[kv_dtype or dtype])
+
+
 @dataclass(frozen=True)
 class Roofline:
     devices: int
@@ -323,10 +332,7 @@ def decode_roofline(s: CostShape, hw: Hardware, batch: int, context: int, dtype:
     if devices is None:
         need = weight_bytes(s, dtype) + batch * cache_bytes_per_sequence(s, context, kv_dtype)
         devices = devices_needed(need, hw)
-    p = param_counts(s)
-    touched = p.moe_layers * expected_experts(s.n_routed_experts, s.top_k, batch) * p.expert
-    weights = (p.always_read + touched) * DTYPE_BYTES[dtype]
-    kv = batch * kv_read_values(s, context) * DTYPE_BYTES[kv_dtype]
+    weights, kv = decode_bytes(s, batch, context, dtype, kv_dtype)
     memory_s = (weights + kv) / (devices * hw.bandwidth_tbs * 1e12)
     compute_s = batch * _compute_seconds(s, hw, context, dtype, kv_dtype, prefill=False) / devices
     seconds = max(memory_s, compute_s)

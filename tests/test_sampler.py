@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moela.sampling import SamplingParams, apply_penalties, sample, top_logprobs
+from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
 
 
 @pytest.mark.parametrize("field, value", [

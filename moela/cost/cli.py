@@ -7,9 +7,9 @@
     moela cost path/to/config.json                          # any DeepSeek-V2/V3/V3.2/V4 or Kimi K2 config
     moela cost bench-1b --measure                           # moela's decode tokens/s here vs the roofline
     OMP_NUM_THREADS=1 moela cost bench-1b --measure         # on a CPU busy with other work
-    python -m moela.cost_cli deepseek-v3                    # the same without the `moela` entry point
+    python -m moela.cost.cli deepseek-v3                    # the same without the `moela` entry point
 
-Formulas live in moela.cost, configs and chip figures in moela.cost_catalog. Prices are per device-hour
+Formulas live in moela.cost.formulas, configs and chip figures in moela.cost.catalog. Prices are per device-hour
 (default $2, the H800 rental price DeepSeek assumes). An unknown model or chip prints the known ones
 and exits 2.
 """
@@ -19,8 +19,9 @@ import json
 import sys
 from dataclasses import dataclass
 
-from moela import cost
-from moela.cost_catalog import CatalogModel, UnknownEntry, hardware_names, load_hardware, load_model
+from moela.cost import formulas as cost
+from moela.cost.catalog import CatalogModel, UnknownEntry, hardware_names, load_hardware, load_model
+from moela.ops import BACKENDS
 
 DTYPES = tuple(cost.DTYPE_BYTES)
 
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write throughput-vs-batch and memory-vs-context plots")
     p.add_argument("--measure", action="store_true", help="time moela's decode here on random weights")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="with --measure: moela's kernels (default: auto)")
     return p
 
 
@@ -207,10 +210,10 @@ def main(argv: list[str]) -> int:
     report = {"settings": vars(st), "model": model_report(m, st),
               "hardware": [hardware_row(m, k, hw, st) for k, hw in chips.items()]}
     if args.measure:
-        from moela.cost_measure import measure_decode
+        from moela.cost.measure import measure_decode
 
         try:
-            report["measure"] = measure_decode(m, st.batch, st.context)
+            report["measure"] = measure_decode(m, st.batch, st.context, backend=args.backend)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,0 +1,153 @@
+"""DeepSeek-V2/V3 (and Kimi K2): MLA (naive + absorbed), MoE blocks, the transformer. Math only.
+
+    model = build_model(cfg, torch.float32)          # moela.models: cfg is a ModelConfig
+    ctx = StepContext.prefill([5, 3])                # two packed prompts, no cache
+    hidden = model(tokens, ctx.positions, ctx)       # tokens: [T] packed in sequence order
+    logits = model.logits(hidden)                    # [T, vocab]
+
+Every forward takes a flat, packed token stream [T] and a StepContext that says where each sequence
+starts, how long its context is and, once the engine has attached a cache (`attach_cache`), which
+cache rows its tokens live in. Each MLA layer caches only [c_KV | k_pe] per token (CacheSpec kind
+"latent"). Letters in einsums: t tokens, h heads, d nope head dim, r rope dim, c kv_lora_rank,
+v v_head_dim.
+"""
+
+import torch
+from torch import nn
+
+from moela.config import ModelConfig
+from moela.models.context import CacheSpec, StepContext
+from moela.models.layers import MLP, Experts, Linear, MoE, OpsModule, RMSNorm, rope_inv_freq
+
+
+class MLA(OpsModule):
+    """Multi-head Latent Attention. The cache holds only [c_KV | k_pe] per token (cfg.latent_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = cfg.num_attention_heads, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_head_dim, self.interleave = cfg.v_head_dim, cfg.rope_interleave
+        self.softmax_scale = cfg.softmax_scale
+        q_out = cfg.num_attention_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.wq = Linear(cfg.hidden_size, q_out)
+        else:
+            self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = Linear(cfg.q_lora_rank, q_out)
+        self.wkv_a = Linear(cfg.hidden_size, cfg.latent_dim)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wo = Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size)
+        self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, latent_dim], set by the engine
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return [CacheSpec("kv_cache", "latent", self.kv_lora_rank + self.qk_rope_head_dim)]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(T, self.n_heads, -1)  # [T, h, d + r]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = self.ops.rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = torch.cat([self.kv_norm(c_kv), self.ops.rope(k_pe, cos, sin, self.interleave)], dim=-1)  # [T, c + r]
+        if self.kv_cache is not None:
+            self.ops.store_latent(self.kv_cache, ctx.slot_mapping, latent)
+
+        naive, absorbed = ctx.split()
+        out = self.absorbed(q_nope, q_pe, latent, ctx) if absorbed else x.new_empty(T, self.n_heads, self.v_head_dim)
+        for i in naive:
+            a, b = ctx.q_starts[i], ctx.q_starts[i + 1]
+            out[a:b] = self.naive(q_nope[a:b], q_pe[a:b], latent[a:b])
+        return self.wo(out.flatten(1))
+
+    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Causal attention over one sequence's own tokens, K/V decompressed through wkv_b."""
+        S = latent.shape[0]
+        kv = self.wkv_b(latent[:, : self.kv_lora_rank]).view(S, self.n_heads, -1)  # [S, h, d + v]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_pe = latent[:, None, self.kv_lora_rank :].expand(S, self.n_heads, self.qk_rope_head_dim)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [h, S, d + r]
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(0, 1)
+        return self.ops.causal_attention(q, k, v.transpose(0, 1), self.softmax_scale).transpose(0, 1)  # [S, h, v]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b split per head into contiguous w_uk [h, d, c] and w_uv^T [h, c, v], rebuilt if wkv_b changes."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_absorbed_key", None) != key:
+            wkv_b = w.detach().view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + v, c]
+            self._w_uk = wkv_b[:, : self.qk_nope_head_dim].contiguous()
+            self._w_uv_t = wkv_b[:, self.qk_nope_head_dim :].transpose(1, 2).contiguous()
+            self._absorbed_key = key
+        return self._w_uk, self._w_uv_t
+
+    def absorbed(self, q_nope, q_pe, latent, ctx: StepContext) -> torch.Tensor:
+        """Attention in latent space: wkv_b's K part folded into q, its V part applied after -> [T, h, v]
+        (rows of naive sequences hold zeros, to be overwritten)."""
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, c]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, c + r]: scores = q . [c_kv | k_pe]
+        o = self.ops.latent_attention(q, self.kv_cache, latent, ctx, self.softmax_scale, self.kv_lora_rank)  # [T, h, c]
+        return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, h, v]
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(OpsModule):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers (rope frequencies, expert load counters); call after
+        building on the meta device and materializing with to_empty."""
+        inv_freq, self.rope_scale = rope_inv_freq(self.cfg)
+        self.register_buffer("inv_freq", inv_freq.to(self.embed.weight.device), persistent=False)
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.load.zero_()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """tokens, positions: [T] -> final-normed hidden states [T, hidden_size]."""
+        cos, sin = self.rope(positions)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, r/2] of each position, scaled by YaRN's attention factor."""
+        angles = positions[:, None].float() * self.inv_freq  # [T, r/2]
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(hidden, self.embed.weight) if self.head is None else self.head(hidden)
+
+    def cache_specs(self) -> list[list[CacheSpec]]:
+        """What each layer caches, in layer order."""
+        return [layer.attn.cache_specs() for layer in self.layers]
+
+    def attach_cache(self, caches: list[dict[str, torch.Tensor]] | None) -> None:
+        """Give each layer its cache tensors by CacheSpec name (None detaches them)."""
+        for i, (layer, specs) in enumerate(zip(self.layers, self.cache_specs())):
+            for spec in specs:
+                setattr(layer.attn, spec.name, None if caches is None else caches[i][spec.name])

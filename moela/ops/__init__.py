@@ -1,0 +1,104 @@
+"""The op surface the model calls, and the backends behind it, chosen once at engine start.
+
+    from moela import ops
+    backend = ops.select("auto", torch.device("cpu"), torch.bfloat16)   # -> the "cpu" backend here
+    quantize.prepare(model, backend)      # weights into the backend's layout; every layer calls its ops
+    backend.linear(x, weight)             # what a layer does inside: self.ops.linear(...)
+
+A backend is a module of this package with some of the functions in OPS under the same names and
+signatures; `load` fills the rest from `reference.py`, the plain-PyTorch ground truth that runs on
+any device. `reference.py` documents each op. A backend module may also define
+`available(device, dtype) -> str | None` (why it cannot run there, or None) and `setup()` (process
+settings it wants, applied by `select`), and may fail to import where its library is absent;
+`select` then says which and why. Ops know tensors, never model classes.
+
+| op | what |
+|---|---|
+| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up) |
+| rms_norm, rope | RMSNorm (HF's rounding), rotary embedding on the rope dims |
+| causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
+| store_latent, latent_attention | write the MLA latent into the paged cache; absorbed attention over it |
+| moe, pack_experts | the routed experts of a step's tokens; pack_experts as pack_linear |
+"""
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from moela.errors import MoelaError
+from moela.ops import reference
+
+BACKENDS = ("reference", "cpu")  # every backend module, in the order "auto" prefers them (reference last)
+AUTO_ORDER = {"cpu": ("cpu",)}  # device type -> backends "auto" tries before the reference
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    linear: Callable
+    pack_linear: Callable
+    rms_norm: Callable
+    rope: Callable
+    causal_attention: Callable
+    store_latent: Callable
+    latent_attention: Callable
+    moe: Callable
+    pack_experts: Callable
+
+    def implemented(self) -> list[str]:
+        """The ops this backend defines itself (the others are the reference's)."""
+        return [op for op in OPS if getattr(self, op) is not getattr(REFERENCE, op)]
+
+
+OPS = tuple(f.name for f in fields(Backend) if f.name != "name")
+
+
+class BackendUnavailable(MoelaError):
+    """A backend that cannot run here: its library is missing, or the device or dtype is not its own."""
+
+
+def load(name: str) -> Backend:
+    """The backend `name` with the reference filling the ops it leaves out (ImportError if its library is absent)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
+    module = importlib.import_module(f"moela.ops.{name}")
+    return Backend(name, **{op: getattr(module, op, getattr(reference, op)) for op in OPS})
+
+
+def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        module = importlib.import_module(f"moela.ops.{name}")
+    except ImportError as e:
+        return f"its library is not installed ({e})"
+    check = getattr(module, "available", None)
+    return check(device, dtype) if check else None
+
+
+def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """`name`, or for "auto" the first backend of the device's list that can run here, else the reference;
+    the chosen backend's `setup()` runs once."""
+    if name == "auto":
+        usable = [b for b in AUTO_ORDER.get(device.type, ()) if why_unavailable(b, device, dtype) is None]
+        name = usable[0] if usable else "reference"
+    backend = load(name)  # an unknown name fails here, naming the choices
+    reason = why_unavailable(name, device, dtype)
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device} with {dtype}: {reason}")
+    getattr(importlib.import_module(f"moela.ops.{name}"), "setup", lambda: None)()
+    return backend
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of the device in bytes (physical RAM for the CPU)."""
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "mem_get_info"):
+        raise ValueError(f"cannot read the memory of device {device}: give kv_cache_memory explicitly")
+    return module.mem_get_info(device)[1]
+
+
+REFERENCE = load("reference")

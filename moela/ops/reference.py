@@ -1,0 +1,171 @@
+"""The reference backend: every op in plain PyTorch, on any device. The ground truth the others are
+tested against (tests/test_ops.py), and what training and export run.
+
+Nothing here reads a tensor's values on the host: the ops of a step can be captured, compiled or
+exported, and run on any device. The paged latent cache of one MLA layer is [num_blocks, block_size,
+width]; token p of a sequence lives in row p % block_size of block block_table[p // block_size], and
+`slot_mapping` gives each new token's flat row (block * block_size + row).
+Letters: T tokens, h heads, w latent width (c + r), c value width (kv_lora_rank), b sequences of a
+group, n queries per sequence, s keys per sequence, E experts, k experts per token.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> [T, out]."""
+    return F.linear(x, weight)
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalized in fp32, cast back to x's dtype, then scaled: bit-identical to HF's RMSNorm."""
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate pairs of x [T, ..., r] by cos/sin [T, r/2] in fp32; pairs are (2i, 2i+1) or (i, i + r/2).
+
+    Interleaved pairs come out de-interleaved (evens then odds), as transformers' V3 does; queries and
+    keys get the same permutation, so scores equal DeepSeek's complex-number form."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin, h = cos.view(shape), sin.view(shape), x.float()
+    if interleave:
+        x1, x2 = h[..., 0::2], h[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        x1, x2 = h.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v for one sequence: q, k [h, S, dk], v [h, S, dv] -> [h, S, dv].
+
+    Plain bmm + fp32 softmax, queries in chunks so the scores stay [h, chunk, S]; on CPU this beats
+    scaled_dot_product_attention's kernel 2-5x for MLA's 192/128 head dims.
+    """
+    S = q.shape[1]
+    out = q.new_empty(q.shape[0], S, v.shape[-1])
+    for a in range(0, S, chunk):
+        b = min(a + chunk, S)
+        scores = torch.bmm(q[:, a:b], k[:, :b].transpose(1, 2)).float() * scale  # [h, b - a, b]
+        future = torch.arange(b, device=q.device)[None, :] > torch.arange(a, b, device=q.device)[:, None]
+        probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+        out[:, a:b] = torch.bmm(probs, v[:, :b])
+    return out
+
+
+def store_latent(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
+    """Write latent [T, w] into cache [num_blocks, block_size, w] at the flat rows slot_mapping [T]."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
+
+
+def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.Tensor, ctx, scale: float,
+                     value_dim: int) -> torch.Tensor:
+    """Absorbed MLA: each query q [T, h, w] of ctx's absorbed sequences attends its sequence's cached
+    latents (keys: all w values; values: the first value_dim) -> [T, h, value_dim], 0 for other rows.
+
+    Without a cache (cache None) each sequence attends only its own new tokens in `latent` [T, w].
+    Single-token (decode) sequences are batched, padded to the longest context; other sequences (chunks
+    after a cached prefix) come one at a time. The index plan is built once per step, by the first
+    layer, and kept in ctx.plans; keys are gathered per layer, whole blocks at a time.
+    """
+    key = ("latent", None if cache is None else cache.shape[1])
+    if key not in ctx.plans:
+        ctx.plans[key] = _latent_plan(ctx, key[1], q.device)
+    T, h, _ = q.shape
+    out = q.new_zeros(T, h, value_dim)
+    for rows, tables, mask, src, dst in ctx.plans[key]:
+        # rows: [b, n] token of each query (-1 = pad); mask: [b, n, s] True = may attend; src -> dst: valid rows
+        b, n = rows.shape
+        keys = latent[rows.clamp(min=0)] if tables is None else cache[tables].flatten(1, 2)  # [b, s, w]
+        qb = q[rows.clamp(min=0)].flatten(1, 2)  # [b, n*h, w]
+        scores = torch.bmm(qb, keys.transpose(1, 2)).view(b, n, h, -1)  # [b, n, h, s]
+        scores = (scores.float() * scale).masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(keys.dtype).flatten(1, 2)  # [b, n*h, s]
+        o = torch.bmm(probs, keys[..., :value_dim]).view(b * n, h, value_dim)
+        out.index_copy_(0, dst, o.index_select(0, src))
+    return out
+
+
+def _latent_plan(ctx, block_size: int | None, device: torch.device) -> list[tuple]:
+    """[(rows, tables, mask, src, dst)] per group of absorbed sequences, from the host's lengths alone."""
+    absorbed = ctx.split()[1]
+    decodes = [i for i in absorbed if ctx.q_lens[i] == 1]
+    groups = ([decodes] if decodes else []) + [[i] for i in absorbed if ctx.q_lens[i] != 1]
+    plan = []
+    for group in groups:
+        q_lens, kv_lens = [ctx.q_lens[i] for i in group], [ctx.kv_lens[i] for i in group]
+        n, s = max(q_lens), max(kv_lens)
+        if block_size is None:
+            assert q_lens == kv_lens, "a cached prefix needs a cache"
+            tables = None
+        else:
+            s = -(-s // block_size) * block_size  # keys come in whole blocks
+            tables = ctx.block_tables[group, : s // block_size]  # [b, blocks]; padding rows are masked
+        rows = [[ctx.q_starts[i] + j if j < q else -1 for j in range(n)] for i, q in zip(group, q_lens)]
+        src = [b * n + j for b, q in enumerate(q_lens) for j in range(q)]
+        dst = [ctx.q_starts[i] + j for i, q in zip(group, q_lens) for j in range(q)]
+        q_pos = torch.tensor([[kv - q + j for j in range(n)] for q, kv in zip(q_lens, kv_lens)], device=device)  # [b, n]
+        pos = torch.arange(s, device=device)
+        kv = torch.tensor(kv_lens, device=device)
+        mask = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv[:, None, None])  # [b, n, s]
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        plan.append((as_tensor(rows), tables, mask, as_tensor(src), as_tensor(dst)))
+    return plan
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+    return w13, w2
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Routed experts: sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) -> [T, d].
+
+    x [T, d]; weights [T, k] fp32; indices [T, k]; w13 [E, 2I, d] (gate rows, then up rows); w2 [E, d, I].
+    The T*k (token, expert) pairs are sorted by expert and run as one grouped matmul per projection,
+    with per-expert offsets computed on the device. Off the CPU, torch's grouped matmul takes bf16
+    only; other dtypes there take expert_loop, which reads the per-expert counts on the host.
+    """
+    if x.device.type != "cpu" and x.dtype != torch.bfloat16:
+        return expert_loop(x, weights, indices, w13, w2, linear)
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # [T*k] pairs sorted by expert
+    counts = torch.zeros(len(w13), dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+    xs = x[order // k]
+    g, u = F.grouped_mm(xs, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    ys = F.grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offsets)  # [T*k, d]
+    return combine(ys, order, weights)
+
+
+def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, linear_op) -> torch.Tensor:
+    """moe as one linear_op pair per expert that has tokens (w13, w2: per-expert weights in linear_op's
+    layout); slicing the sorted rows needs each expert's token count on the host."""
+    k = indices.shape[1]
+    order = indices.flatten().argsort(stable=True)  # [T*k] (token, expert) pairs sorted by expert
+    counts = torch.bincount(indices.flatten(), minlength=len(w13)).tolist()
+    xs = x[order // k]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            g, u = linear_op(xs[start : start + n], w13[e]).chunk(2, dim=-1)
+            ys[start : start + n] = linear_op(F.silu(g) * u, w2[e])
+            start += n
+    return combine(ys, order, weights)
+
+
+def combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs ys [T*k, d] in expert order -> their weighted sum per token [T, d]."""
+    by_token = torch.empty_like(ys)
+    by_token[order] = ys  # back to token-major: [T*k, d] = [T, k, d]
+    T, k = weights.shape
+    return torch.bmm(weights[:, None, :].to(ys.dtype), by_token.view(T, k, -1))[:, 0]

@@ -1,0 +1,153 @@
+"""Every op of every backend against the plain PyTorch reference on random inputs (bf16 and fp32),
+then whole models: the CPU backend's packed weights against the reference, and engine greedy tokens.
+
+A backend whose library is absent, or that cannot run on this machine or dtype, is skipped with the
+reason in the skip message (pytest -rs shows them)."""
+
+import pytest
+import torch
+
+from conftest import engine_for, rel_err
+from moela import ops, quantize
+from moela.engine.sampler import SamplingParams
+from moela.loader import load_model
+from moela.models import StepContext
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CPU = torch.device("cpu")
+
+
+def randn(*shape, dtype, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def paged_context(block_size: int = 4) -> StepContext:
+    """Two decodes and one chunk after a cached prefix, on block tables that interleave their blocks."""
+    q_lens, kv_lens = [1, 4, 1], [9, 11, 5]
+    tables = torch.tensor([[3, 0, 7, 0], [1, 5, 9, 2], [4, 6, 0, 0]])
+    positions = torch.cat([torch.arange(kv - q, kv) for q, kv in zip(q_lens, kv_lens)])
+    return StepContext(positions=positions, q_lens=q_lens, kv_lens=kv_lens, block_tables=tables)
+
+
+def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
+    """Cases as (args, kwargs); weights go in unpacked: the test packs them with each backend."""
+    if op == "linear":
+        return [((randn(rows, 96, dtype=dtype), randn(80, 96, dtype=dtype, seed=1) / 10), {}) for rows in (1, 7)]
+    if op == "rms_norm":
+        return [((randn(5, 3, 64, dtype=dtype), 1 + randn(64, dtype=dtype, seed=1) / 5, 1e-6), {})]
+    if op == "rope":
+        angles = randn(6, 8, dtype=torch.float32, seed=2) * 3
+        return [((randn(6, 4, 16, dtype=dtype), angles.cos(), angles.sin(), inter), {}) for inter in (True, False)]
+    if op == "causal_attention":
+        return [((randn(3, 37, 24, dtype=dtype), randn(3, 37, 24, dtype=dtype, seed=1), randn(3, 37, 16, dtype=dtype, seed=2),
+                  0.3), {})]
+    if op == "store_latent":
+        slots = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:10]
+        return [((torch.zeros(10, 4, 20, dtype=dtype), slots, randn(10, 20, dtype=dtype)), {})]
+    if op == "latent_attention":
+        q, cache = randn(6, 3, 20, dtype=dtype), randn(10, 4, 20, dtype=dtype, seed=1)
+        fresh = StepContext.prefill([4, 2])  # no cache: each sequence attends its own tokens
+        fresh.naive_prefill = False
+        return [((q, cache, randn(6, 20, dtype=dtype, seed=2), paged_context(), 0.2, 16), {}),
+                ((q, None, randn(6, 20, dtype=dtype, seed=2), fresh, 0.2, 16), {})]
+    if op == "moe":
+        T, E, k, d, inter = 9, 6, 3, 32, 8
+        scores = randn(T, E, dtype=torch.float32, seed=4)
+        weights, indices = scores.softmax(-1).topk(k, dim=-1)
+        return [((randn(T, d, dtype=dtype), weights, indices, randn(E, 2 * inter, d, dtype=dtype, seed=5) / 5,
+                  randn(E, d, inter, dtype=dtype, seed=6) / 3), {})]
+    raise AssertionError(f"no inputs for op {op!r}")
+
+
+TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "moe")
+
+
+def test_every_op_has_inputs():
+    assert set(TESTED) | {"pack_linear", "pack_experts"} == set(ops.OPS)
+
+
+def run_op(backend: ops.Backend, op: str, args: tuple):
+    """Call the op as the model does: weights packed by the backend first; store_latent's result is its cache."""
+    if op == "linear":
+        return backend.linear(args[0], backend.pack_linear(args[1]))
+    if op == "moe":
+        return backend.moe(*args[:3], *backend.pack_experts(args[3], args[4]))
+    if op == "store_latent":
+        cache = args[0].clone()
+        backend.store_latent(cache, *args[1:])
+        return cache
+    if op == "latent_attention":
+        args[3].plans.clear()  # each backend builds its own plan
+    return getattr(backend, op)(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", TESTED)
+@pytest.mark.parametrize("name", ops.BACKENDS)
+def test_op_matches_reference(name, op, dtype):
+    try:
+        backend = ops.load(name)
+    except ImportError as e:
+        pytest.skip(f"backend {name!r}: its library is not installed ({e})")
+    reason = ops.why_unavailable(name, CPU, dtype)
+    if reason:
+        pytest.skip(f"backend {name!r} cannot run on the CPU with {dtype}: {reason}")
+    for args, _ in op_inputs(op, dtype):
+        ours, ref = run_op(backend, op, args), run_op(ops.REFERENCE, op, args)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        assert rel_err(ours, ref) < TOL[dtype], f"{name}.{op}"
+
+
+def test_select_auto_and_errors():
+    assert ops.select("auto", CPU, torch.float32).name == "reference"
+    if ops.why_unavailable("cpu", CPU, torch.bfloat16) is None:
+        assert ops.select("auto", CPU, torch.bfloat16).name == "cpu"
+    assert ops.select("auto", torch.device("meta"), torch.bfloat16).name == "reference"
+    with pytest.raises(ops.BackendUnavailable, match="backend 'cpu' cannot run on meta .* not meta"):
+        ops.select("cpu", torch.device("meta"), torch.bfloat16)
+    with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu"):
+        ops.select("cuda-magic", CPU, torch.float32)
+    assert "linear" in ops.load("cpu").implemented() and ops.REFERENCE.implemented() == []
+
+
+cpu_only = pytest.mark.skipif(ops.why_unavailable("cpu", CPU, torch.bfloat16) is not None,
+                              reason=f"cpu backend: {ops.why_unavailable('cpu', CPU, torch.bfloat16)}")
+
+
+@cpu_only
+def test_cpu_prepack_matches_reference(hf_checkpoint):
+    path, _ = hf_checkpoint("v3")
+    ref, fast = load_model(path, dtype=torch.bfloat16), load_model(path, dtype=torch.bfloat16)
+    quantize.prepare(fast, ops.select("cpu", CPU, torch.bfloat16))
+    assert fast.layers[0].attn.wq_a.weight.is_mkldnn and fast.layers[1].ffn.experts.w13[0].is_mkldnn
+    for lengths in ([13, 5], [1], [1, 1, 1]):  # prefill rows, a single row (mv path), several single rows
+        ctx = StepContext.prefill(lengths)
+        tokens = torch.randint(2, 128, (sum(lengths),), generator=torch.Generator().manual_seed(sum(lengths)))
+        with torch.no_grad():
+            a = ref.logits(ref(tokens, ctx.positions, ctx)).float()
+            b = fast.logits(fast(tokens, ctx.positions, ctx)).float()
+        assert ((a - b).abs().mean() / a.abs().mean()).item() < 0.02  # bf16 accumulation order only
+
+
+@cpu_only
+def test_engine_backends_agree_on_greedy_tokens(hf_checkpoint):
+    path, _ = hf_checkpoint("v2_lite")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for backend in ("auto", "reference"):
+        engine = engine_for(path, dtype="bfloat16", backend=backend)
+        rid = engine.add_request([5, 9, 17, 33, 2, 71], params)
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs[backend] = o.outputs[0].token_ids
+        assert rid
+    same = sum(a == b for a, b in zip(outs["auto"], outs["reference"]))
+    assert same >= 6  # bf16 rounding may flip a late near-tie, not the run
+
+
+def test_expert_loop_equals_the_grouped_matmul():
+    """The per-expert loop (the CPU backend's, and the reference's off the CPU for dtypes other than bf16)."""
+    from moela.ops.reference import expert_loop, linear, moe
+
+    (args, _), = op_inputs("moe", torch.float32)
+    assert rel_err(expert_loop(*args, linear), moe(*args)) < 1e-6
