@@ -60,8 +60,11 @@ def measured(tmp: Path, n_tokens: int = 40) -> dict[str, float]:
 
 
 def main() -> None:
+    import argparse
     import tempfile
 
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Takes no options; writes "
+                            "bench/results/kv_cache-<date>.json.").parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows["test model v3 (fp32, measured)"] = measured(Path(tmp))

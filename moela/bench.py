@@ -4,7 +4,7 @@
     moela bench --shape tiny --batches 1 4 --skip-hf
     python bench/throughput.py ...                      # the same, from a checkout
 
-Needs transformers (the `test` extra) for the baseline and to write the random checkpoint.
+The baseline needs transformers (the `test` extra); `--skip-hf` measures moela alone without it.
 
 One checkpoint is written to a temporary directory, then each engine runs in its own subprocess (so
 each peak RSS is its own) on the same prompts. Throughput = generated tokens / wall time of the whole
@@ -15,6 +15,7 @@ the cached latents) by the copy bandwidth measured here. Writes bench/results/th
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -27,32 +28,21 @@ from pathlib import Path
 
 import torch
 
+from moela import threads
+from moela.config import HelpFormatter, ModelConfig
 from moela.cost import formulas as cost
 from moela.cost.catalog import load_model, model_names
-from moela.cost.measure import copy_bandwidth
+from moela.cost.measure import copy_bandwidth, random_model
+from moela.loader import save_model
 from moela.ops import BACKENDS
 
 SHAPES = [name for name in model_names() if name.startswith("bench-")]  # bench-1b, bench-tiny (catalog entries)
 
 
 def write_checkpoint(shape: str, path: Path) -> None:
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    config = {k: v for k, v in load_model(shape).config.items() if k != "model_type"}
-    cfg = DeepseekV3Config(**config, hidden_act="silu")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 1.0 if "norm" not in name else 0.1).add_(1.0 if "norm" in name else 0.0)
-            if "norm" not in name:
-                p.mul_(p.shape[-1] ** -0.5 if "embed" not in name else 1.0)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.zero_()
-    model.save_pretrained(path)
+    """The catalog shape with random bf16 weights (moela.cost.measure.random_model), in HF format."""
+    config = load_model(shape).config
+    save_model(random_model(ModelConfig.from_dict(config)), path, dtype=torch.bfloat16, config=config)
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -111,6 +101,13 @@ def run_hf(args: argparse.Namespace) -> dict:
     return {"results": results, "kv_bytes_per_token": kv, "peak_rss_mb": _rss_mb()}
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -120,24 +117,36 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps((run_moela if args.engine == "moela" else run_hf)(args)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moela bench", description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moela bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--shape", choices=SHAPES + ["tiny"], default="bench-1b", help="a benchmark shape of moela's "
                    "model catalog (tiny = bench-tiny)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--skip-hf", action="store_true", help="measure moela only")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="moela's kernels (default: auto)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="sequences decoded together")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--threads", type=threads.argument, default="auto",
+                   help="CPU threads of both engines: a number, or auto (the cores free when the run starts, fixed)")
+    p.add_argument("--skip-hf", action="store_true", help="measure moela only (no transformers needed)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="moela's kernels")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--engine", choices=["moela", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.engine:
         child(args)
         return 0
+    if not args.skip_hf and not _importable("transformers"):
+        print("error: the transformers baseline needs transformers (pip install 'transformers>=5'); "
+              "or run with --skip-hf to measure moela alone", file=sys.stderr)
+        return 1
+    if args.threads == "auto":
+        args.threads = threads.free_now()
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(args.shape, Path(tmp))
         common = [sys.executable, "-m", "moela.bench", "--checkpoint", tmp, "--prompt-len", str(args.prompt_len), "--new-tokens",

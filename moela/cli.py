@@ -13,10 +13,17 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 
-from moela.config import DTYPES, add_engine_args
+from moela.config import DTYPES, HelpFormatter, add_engine_args
 from moela.errors import MoelaError
+
+
+def moela_version() -> str:
+    try:
+        return version("moela")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,25 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         from moela.server.cli import main as serve_main
         return serve_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="moela", description="Run DeepSeek-family models (MLA + DeepSeekMoE).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("cost", help="memory planner and cost model (moela cost --help)")
-    sub.add_parser("train", help="train a model (moela train --help)")
-    sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
-    sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
-    gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8, like llama.cpp)")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--top-k", type=int, default=40, help="-1 = no limit")
-    gen.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    add_engine_args(gen)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return run_generate(args)
@@ -62,18 +51,45 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def parser() -> argparse.ArgumentParser:
+    """`moela` and `moela generate` (the other commands have parsers of their own)."""
+    parser = argparse.ArgumentParser(prog="moela", description="Run DeepSeek-family models (MLA + DeepSeekMoE).")
+    parser.add_argument("--version", action="version", version=f"moela {moela_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("cost", help="memory planner and cost model (moela cost --help)")
+    sub.add_parser("train", help="train a model (moela train --help)")
+    sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
+    sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes",
+                         formatter_class=HelpFormatter)
+    gen.add_argument("prompt", help="the text to continue (or, with --chat, the user's message)")
+    gen.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128, help="at most this many new tokens (fewer if the context ends)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (llama.cpp samples at 0.8 too)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the top tokens up to this mass")
+    gen.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; -1 = no limit")
+    gen.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
+    gen.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype")
+    add_engine_args(gen)
+    return parser
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+    import torch
+
+    from moela.config import EngineConfig, ModelConfig, model_dir
     from moela.engine.llm import LLMEngine
     from moela.engine.sampler import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
-    path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not path.exists():
-        raise MoelaError(f"{path}: no such model directory")
-    ModelConfig.from_pretrained(path)  # an unsupported model fails before anything else is read
-    engine = LLMEngine(EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=1))
+    path = model_dir(args.model)
+    cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
+                       max_num_seqs=1)
+    cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before anything else is read
+    engine = LLMEngine(cfg)
     tok = engine.tokenizer
     if args.chat:
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]), add_special_tokens=False)
@@ -82,6 +98,9 @@ def run_generate(args: argparse.Namespace) -> int:
     max_tokens = min(args.max_tokens, engine.max_model_len - len(prompt))
     if max_tokens < 1:
         raise MoelaError(f"the prompt ({len(prompt)} tokens) fills the model's context ({engine.max_model_len})")
+    if max_tokens < args.max_tokens:
+        print(f"warning: --max-tokens {args.max_tokens}: at most {max_tokens} new tokens fit after the {len(prompt)}-token "
+              f"prompt in the model's {engine.max_model_len}-token context", file=sys.stderr)
     params.max_tokens = max_tokens
     start = time.perf_counter()
     engine.add_request(prompt, params)
@@ -93,7 +112,7 @@ def run_generate(args: argparse.Namespace) -> int:
     n, m = len(out.outputs[0].token_ids), out.metrics
     decode = f", decode {(n - 1) / m.decode_time:.1f} tokens/s" if n > 1 and m.decode_time else ""
     print(f"[{n} tokens in {time.perf_counter() - start:.2f}s, first token after {m.time_to_first_token:.2f}s{decode};"
-          f" prompt {len(prompt)} tokens]", file=sys.stderr)
+          f" prompt {len(prompt)} tokens; {torch.get_num_threads()} CPU threads]", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ checkpoint saved by transformers means the same thing here. `auto_map` (remote c
 import argparse
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,21 @@ from typing import Any
 import torch
 
 from moela.errors import ConfigError
+from moela.ops import BACKENDS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
-# dtype names accepted everywhere (CLI flags, LLM(dtype=...), EngineConfig), short aliases included
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Every dtype name moela takes, and its bytes per value. The first six (long and short spellings) are
+# what weights and caches run in: LLM(dtype=...), EngineConfig, --dtype. fp8, int8 and int4 are
+# storage formats that the cost model plans with (`moela cost --dtype`).
+DTYPE_TABLE: dict[str, tuple[torch.dtype | None, float]] = {
+    "bfloat16": (torch.bfloat16, 2), "float16": (torch.float16, 2), "float32": (torch.float32, 4),
+    "bf16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "fp32": (torch.float32, 4),
+    "fp8": (torch.float8_e4m3fn, 1), "int8": (torch.int8, 1), "int4": (None, 0.5)}
+DTYPES = {name: dtype for name, (dtype, _) in list(DTYPE_TABLE.items())[:6]}
+DTYPE_BYTES = {name: float(size) for name, (_, size) in DTYPE_TABLE.items()}
 
 # Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
 _V2_DEFAULTS = dict(
@@ -45,6 +53,20 @@ _V3_DEFAULTS = dict(
     topk_method="noaux_tc", scoring_func="sigmoid", n_group=8, topk_group=4, norm_topk_prob=True,
     max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, rope_interleave=True,
 )
+
+
+def model_dir(name: str | Path | None) -> Path:
+    """The model directory `name` (None: the embedded default model), or an error that says what to do."""
+    if name is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    hint = ""
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+        hint = (f" (moela reads local directories only: download the checkpoint first, for example with "
+                f"`huggingface-cli download {name} --local-dir {Path(name).name}`, and pass that directory)")
+    raise ConfigError(f"{name}: no such model directory{hint}")
 
 
 @dataclass(frozen=True)
@@ -281,11 +303,17 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
+    threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.threads not in (None, "auto") and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                                   or self.threads < 1):
+            raise ValueError(f"threads = {self.threads!r} is invalid: must be 'auto', an integer >= 1 or None")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -302,14 +330,38 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def check_model(self, model: "ModelConfig") -> int:
+        """The context length this engine serves the model at: max_model_len, never past the positions
+        the model was built for."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len = {self.max_model_len} exceeds the model's max_position_embeddings = "
+                             f"{limit} (config.json): it was not built for positions past that")
+        return self.max_model_len or limit
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none (None, False) or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The EngineConfig flags every command that runs the engine shares."""
-    from moela.ops import BACKENDS
-
-    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                        help="kernels: auto picks the fastest for the device and dtype (default: auto)")
+                        help="kernels: auto picks the fastest for the device and dtype")
+    add_threads_arg(parser)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    from moela import threads
+
+    parser.add_argument("--threads", type=threads.argument, default="auto",
+                        help="CPU threads: a number, or auto (the cores free now, fewer when another process takes one)")
 
 
 def parse_bytes(value: int | str) -> int:

@@ -201,7 +201,7 @@ def _plan(cfg: ModelConfig, model: Transformer, where: dict[str, Path], headers:
     mtp = {n for n in present if (m := _LAYER.fullmatch(n)) and int(m[1]) >= cfg.num_hidden_layers}
     if mtp:
         layers = sorted({int(_LAYER.fullmatch(n)[1]) for n in mtp})
-        log.info("skipping %d tensors of the MTP layer(s) %s (not used for inference)", len(mtp), layers)
+        log.debug("skipping %d tensors of the MTP layer(s) %s (not used for inference)", len(mtp), layers)
     present -= mtp
     if cfg.tie_word_embeddings and "lm_head.weight" in present:
         present.discard("lm_head.weight")  # tied: the embedding is the head
@@ -312,9 +312,14 @@ def _mtp_state(mtp: torch.nn.Module, n_layers: int) -> dict[str, torch.Tensor]:
     return {f"layers.{n_layers}.{name.removeprefix('block.')}": t for name, t in mtp.state_dict().items()}
 
 
+ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "kimi_k2": "DeepseekV3ForCausalLM"}
+
+
 def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None = None,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write path/model.safetensors with HF names (per-expert tensors); the gate bias stays fp32."""
+               dtype: torch.dtype | None = None, config: dict | None = None) -> Path:
+    """Write path/model.safetensors with HF names (per-expert tensors; the gate bias stays fp32) and, given
+    the HF config dict the model was built from, path/config.json (loadable by moela and transformers)."""
     from safetensors.torch import save_file
 
     state = dict(model.state_dict())
@@ -327,6 +332,10 @@ def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        config = config | {"architectures": [ARCHITECTURES[model.cfg.model_type]],
+                           "dtype": str(dtype or model.embed.weight.dtype).removeprefix("torch.")}
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path / "model.safetensors"
 
 

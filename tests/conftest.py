@@ -8,6 +8,15 @@ import torch
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Commands under test set torch's thread count (--threads auto): later tests get theirs back."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
 BASE = dict(vocab_size=128, hidden_size=48, intermediate_size=72, moe_intermediate_size=24, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, q_lora_rank=20, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,

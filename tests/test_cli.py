@@ -62,3 +62,48 @@ def test_console_script_reports_corrupt_checkpoint(model_dir, tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().startswith("error: ") and "model.safetensors: corrupt safetensors header" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_version_and_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("moela ")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help text wraps anywhere
+    for shown in ("(default: 40)", "(default: 1.1)", "(default: 0.8)", "(default: 128)", "(default: auto)"):
+        assert shown in out
+
+
+def test_a_hub_id_says_moela_reads_local_directories(capsys):
+    assert main(["generate", "--model", "deepseek-ai/DeepSeek-V2-Lite", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "deepseek-ai/DeepSeek-V2-Lite: no such model directory (moela reads local directories only" in err
+    assert "huggingface-cli download deepseek-ai/DeepSeek-V2-Lite --local-dir DeepSeek-V2-Lite" in err
+
+
+def test_max_tokens_past_the_context_is_capped_with_a_warning(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--max-tokens", "100000", "--temperature", "0",
+                 "--dtype", "float32", "--threads", "1", "def fib"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-tokens 100000: at most " in err and "new tokens fit after the" in err
+
+
+def test_max_model_len_past_the_model_positions_is_refused(model_dir, capsys):
+    limit = LLM(model=model_dir, dtype="float32").engine.model_cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_model_len = {limit + 1} exceeds the model's max_position_embeddings = {limit}"):
+        LLM(model=model_dir, dtype="float32", max_model_len=limit + 1)
+
+
+def test_threads_flag(model_dir, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(model_dir), "--max-tokens", "2", "--threads", "1", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["generate", "--threads", "0", "hi"])
+    assert "argument --threads: '0' is not 'auto' or a positive integer" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moela.config import ModelConfig
+from moela.config import DEFAULT_MODEL_DIR, ModelConfig
 from moela.errors import ConfigError
 
 V3 = dict(model_type="deepseek_v3", vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -89,3 +89,21 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**V3, "n_group": 3}))
     with pytest.raises(ConfigError, match=r"config\.json: field 'n_group' = 3"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_auto_map_is_ignored_not_run(tmp_path):
+    raw = dict(json.loads((DEFAULT_MODEL_DIR / "config.json").read_text()),
+               auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "modeling_deepseek.py").write_text("raise SystemExit('remote code ran')\n")
+    assert ModelConfig.from_pretrained(tmp_path).model_type == "deepseek_v3"
+
+
+def test_model_dir_errors_name_the_path_and_what_to_do(tmp_path):
+    from moela.config import model_dir
+
+    assert model_dir(None) == DEFAULT_MODEL_DIR and model_dir(tmp_path) == tmp_path
+    with pytest.raises(ConfigError, match="nope: no such model directory$"):
+        model_dir(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="org/name: no such model directory \\(moela reads local directories only"):
+        model_dir("org/name")

@@ -275,3 +275,23 @@ def test_measure_on_a_tiny_shape(monkeypatch):
     assert r["tokens_per_s"] > 0 and r["ratio"] == pytest.approx(r["tokens_per_s"] / r["roofline_tokens_per_s"])
     with pytest.raises(ValueError, match="bench-1b"):
         cost_measure.measure_decode(load_model("v4-flash"), batch=1, context=8)
+
+
+def test_measure_sits_beside_the_roofline_of_the_same_measurement(tmp_path, monkeypatch, capsys):
+    """One measurement of this machine serves the chip row and the measured line: one roofline, not two."""
+    from moela.cost import measure as cost_measure
+
+    config = dict(load_model("bench-1b").config, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, vocab_size=256,
+                  n_group=2, topk_group=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    calls = []
+    monkeypatch.setattr(cost_measure, "measure_local",
+                        lambda: calls.append(1) or cost.Hardware(f"fake CPU {len(calls)}", 16, 0.02, {"bf16": 1.0}))
+    code, out, _ = _run(capsys, str(tmp_path / "config.json"), "--hardware", "local", "--measure", "--json",
+                        "--context", "24", "--threads", "1")
+    report = json.loads(out)
+    assert code == 0 and len(calls) == 1
+    assert report["measure"]["roofline_tokens_per_s"] == report["hardware"][0]["decode"]["tokens_per_s"]
+    assert report["measure"]["context"] == 24 and report["measure"]["hardware"] == "fake CPU 1"

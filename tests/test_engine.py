@@ -225,3 +225,15 @@ def test_engine_config_validation(text_model):
         LLM(model=text_model, kv_cache_memory="lots")
     with pytest.raises(ValueError, match="holds no 64-token block"):
         LLM(model=text_model, kv_cache_memory=1000)
+
+
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_allocated_cache_bytes_per_token_equal_the_cost_model(variant, hf_checkpoint):
+    from moela.cost import formulas as cost
+    from moela.cost.catalog import shape_from_model_config
+
+    path, _ = hf_checkpoint(variant)
+    engine = engine_for(path, dtype="bfloat16", block_size=8)
+    allocated = sum(t.numel() * t.element_size() for layer in engine.runner.caches for t in layer.values())
+    per_token = cost.cache_bytes_per_token(shape_from_model_config(engine.model_cfg), "bf16")
+    assert allocated / engine.max_cached_tokens == engine.bytes_per_token == per_token

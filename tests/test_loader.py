@@ -115,7 +115,7 @@ def test_mtp_layer_is_skipped_with_one_log_line(v3_dir, caplog):
         tensors[name.replace("model.layers.2.", f"model.layers.{n}.")] = tensors[name].clone()
     tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(48, 96)
     save_file(tensors, path / "model.safetensors")
-    with caplog.at_level(logging.INFO, logger="moela.loader"):
+    with caplog.at_level(logging.DEBUG, logger="moela.loader"):  # a debug line: every real checkpoint has one
         model = load_model(path, dtype=torch.float32)
     assert len([r for r in caplog.records if "MTP" in r.message]) == 1
     assert rel_err(logits_of(model), hf_logits(hf)) < 1e-4
@@ -242,3 +242,14 @@ def test_load_in_bfloat16_and_float16(v3_dir):
         assert model.embed.weight.dtype == dtype
         assert model.layers[1].ffn.gate.bias.dtype == torch.float32  # the correction bias stays fp32
         assert torch.isfinite(logits_of(model)).all()
+
+
+def test_skipping_the_mtp_layer_is_not_news(caplog):
+    """The embedded model carries an MTP layer; loading it says nothing at INFO about skipping it."""
+    import logging
+
+    from moela.config import DEFAULT_MODEL_DIR
+
+    with caplog.at_level(logging.INFO, logger="moela.loader"):
+        load_model(DEFAULT_MODEL_DIR, dtype=torch.float32)
+    assert not any("skipping" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)

@@ -29,5 +29,5 @@ def test_every_mla_layer_caches_its_latent_as_the_cost_model_counts():
     specs = build_model(cfg, torch.bfloat16, "meta").cache_specs()
     assert len(specs) == cfg.num_hidden_layers
     assert all([(s.name, s.kind, s.width, s.paged) for s in layer] == [("kv_cache", "latent", 24 + 8, True)] for layer in specs)
-    per_token = sum(s.bytes_per_token(2) for layer in specs for s in layer)
+    per_token = sum(s.bytes_per_token(torch.bfloat16) for layer in specs for s in layer)
     assert per_token == cost.cache_bytes_per_token(shape_from_model_config(cfg), "bf16")

@@ -63,7 +63,7 @@ TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "lat
 
 
 def test_every_op_has_inputs():
-    assert set(TESTED) | {"pack_linear", "pack_experts"} == set(ops.OPS)
+    assert set(TESTED) | {"pack_linear", "pack_experts", "plan"} == set(ops.OPS)  # plan: via latent_attention
 
 
 def run_op(backend: ops.Backend, op: str, args: tuple):
@@ -77,7 +77,9 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
         backend.store_latent(cache, *args[1:])
         return cache
     if op == "latent_attention":
-        args[3].plans.clear()  # each backend builds its own plan
+        args[3].plans.clear()  # each backend builds its own plan, as the runner has it do before the forward
+        args[3].block_size = None if args[1] is None else args[1].shape[1]
+        backend.plan(args[3])
     return getattr(backend, op)(*args)
 
 

@@ -94,3 +94,48 @@ def test_engine_failing_to_load_exits_1(tmp_path_factory, tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # config fine, weights corrupt: fails on the engine thread
     assert main(["serve", str(tmp_path), "--port", "0", "--dtype", "float32", "--log-level", "error"]) == 1
+
+
+def test_bad_port_and_context_are_refused_before_loading(tmp_path_factory, capsys):
+    path, _ = tiny_model(tmp_path_factory)
+    try:
+        main(["serve", "--port", "99999"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    assert "argument --port: '99999' is not a TCP port (0-65535" in capsys.readouterr().err
+    assert main(["serve", str(path), "--max-model-len", "100000"]) == 1
+    assert "max_model_len = 100000 exceeds the model's max_position_embeddings = 512" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_ready_is_logged_after_the_warm_up_and_requests_are_logged(tmp_path_factory):
+    path, _ = tiny_model(tmp_path_factory)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moela.cli", "serve", "--model", str(path), "--port", str(port),
+                             "--dtype", "float32", "--threads", "1", "--served-model-name", "tiny"],
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "ready: serving" in line:
+                break
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3},
+                           timeout=30)
+        assert reply.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    assert "Uvicorn running" not in log
+    assert log.index("loading") < log.index(f"ready: serving 'tiny' on http://127.0.0.1:{port}")
+    assert "finished: " in log and " prompt + 3 generated tokens, length" in log

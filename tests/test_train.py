@@ -265,3 +265,25 @@ def assert_same_logits(path: Path, ids: torch.Tensor) -> None:
         ours = model.logits(model(ids[0], ctx.positions, ctx))
         ref = hf(ids).logits[0]
     assert rel_err(ours, ref) < 1e-4
+
+
+def test_cli_says_what_it_does_and_warns_of_a_smaller_vocabulary(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", 8)
+    assert train_main(run_cli(tmp_path, "out", corpus, "--vocab-size", "5000", "--steps", "2", "--holdout", "0.5")) == 0
+    err = capsys.readouterr().err
+    for said in ("reading *.py files under", "training a 5000-token byte-level BPE on", "tokenizing and packing into "
+                 "sequences of 16", "final evaluation on all", "warmup 1 of 2 steps"):
+        assert said in err, said
+    assert "fewer than --vocab-size 5000: the training files hold no more merges to learn" in err
+
+
+def test_default_warmup_fits_the_run_and_help_shows_defaults(capsys):
+    from moela.train.cli import parse_args, train_config
+
+    assert train_config(parse_args(["--out", "x", "--steps", "20"])).warmup == 2
+    assert train_config(parse_args(["--out", "x", "--steps", "5000"])).warmup == 100
+    assert train_config(parse_args(["--out", "x", "--steps", "20", "--warmup", "7"])).warmup == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help text wraps anywhere
+    assert "(default: 0.003)" in out and "(default: 6144)" in out and "(default: auto)" in out

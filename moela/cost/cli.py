@@ -19,11 +19,13 @@ import json
 import sys
 from dataclasses import dataclass
 
+from moela import threads
+from moela.config import HelpFormatter
 from moela.cost import formulas as cost
-from moela.cost.catalog import CatalogModel, UnknownEntry, hardware_names, load_hardware, load_model
+from moela.cost.catalog import LOCAL_NAMES, CatalogModel, UnknownEntry, hardware_names, load_hardware, load_model
 from moela.ops import BACKENDS
 
-DTYPES = tuple(cost.DTYPE_BYTES)
+DTYPES = ("bf16", "fp8", "int8", "int4")  # the formats it plans with (moela.config.DTYPE_TABLE), one table column each
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Settings:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moela cost", description="Will a DeepSeek model fit on my hardware, how many "
-                                "users can I serve, how fast, at what cost? (roofline estimates)")
+                                "users can I serve, how fast, at what cost? (roofline estimates)",
+                                formatter_class=HelpFormatter)
     p.add_argument("model", help="catalog name (deepseek-v3, r1, v4-pro, kimi-k2, bench-1b, ...) or a config.json")
     p.add_argument("--hardware", help=f"one chip (default: every catalog chip; 'local' measures this machine): "
                                       f"{', '.join(hardware_names())}")
@@ -53,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="time moela's decode here on random weights")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="with --measure: moela's kernels (default: auto)")
+    p.add_argument("--threads", type=threads.argument, default="auto",
+                   help="with --measure or local: CPU threads, a number or auto (the cores free when it starts)")
     return p
 
 
@@ -200,6 +205,7 @@ def main(argv: list[str]) -> int:
     if st.batch < 1 or st.context < 1 or st.price < 0 or (st.devices is not None and st.devices < 1):
         print("error: --batch, --context and --devices must be positive, --price not negative", file=sys.stderr)
         return 2
+    threads.apply(threads.free_now() if args.threads == "auto" else args.threads)
     try:
         m = load_model(args.model)
         keys = [args.hardware] if args.hardware else hardware_names()[:-1]  # "local" only when asked
@@ -213,7 +219,8 @@ def main(argv: list[str]) -> int:
         from moela.cost.measure import measure_decode
 
         try:
-            report["measure"] = measure_decode(m, st.batch, st.context, backend=args.backend)
+            here = next((hw for key, hw in chips.items() if key.lower() in LOCAL_NAMES), None)  # measured once
+            report["measure"] = measure_decode(m, st.batch, st.context, backend=args.backend, hw=here)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

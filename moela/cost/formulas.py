@@ -19,7 +19,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+from moela.config import DTYPE_BYTES
+
 MEMORY_UTIL = 0.9  # share of device memory given to weights + cache (vLLM's default gpu_memory_utilization)
 
 

@@ -62,15 +62,16 @@ def measure_local() -> Hardware:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A bf16 model on the CPU with N(0, 0.02) matrices, unit norms and zero router biases."""
+    """A bf16 model on the CPU for timing: matrices N(0, 1/fan_in) (the embedding N(0, 1)), norms 1 + 0.1 N(0, 1),
+    zero router biases, so activations keep their scale through the layers and routing spreads out."""
     model = build_model(cfg, torch.bfloat16, "cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 1:  # norm weights
-                p.fill_(1.0)
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name == "embed.weight" else p.shape[-1] ** -0.5))
         for name, b in model.named_buffers():
             if name.endswith("gate.bias"):
                 b.zero_()
@@ -108,15 +109,19 @@ def _time_decode(model: Transformer, batch: int, context: int, steps: int, backe
     return (time.perf_counter() - start) / steps
 
 
-def measure_decode(m: CatalogModel, batch: int, context: int, steps: int = 16, backend: str = "auto") -> dict:
+def measure_decode(m: CatalogModel, batch: int, context: int, steps: int = 16, backend: str = "auto",
+                   hw: Hardware | None = None) -> dict:
+    """moela's decode tokens/s at `context` (the mean over the timed steps) beside the roofline on `hw`
+    (this machine, measured now unless given)."""
     cfg = _check_runnable(m)
-    hw = measure_local()
-    seconds = _time_decode(random_model(cfg), batch, context, steps, backend)
-    mid = context + 1 + steps // 2  # mean context over the timed steps
+    hw = hw or measure_local()
+    prompt_len = max(1, context - 1 - steps // 2)
+    seconds = _time_decode(random_model(cfg), batch, prompt_len, steps, backend)
+    mid = prompt_len + 1 + steps // 2  # mean context over the timed steps: `context` unless that is tiny
     roof = cost.decode_roofline(m.shape, hw, batch, mid, "bf16", devices=1)
     measured = batch / seconds
     return {"model": m.key, "hardware": hw.name, "bandwidth_gbs": hw.bandwidth_tbs * 1e3,
-            "tflops": hw.tflops["bf16"], "batch": batch, "context": context, "steps": steps,
+            "tflops": hw.tflops["bf16"], "batch": batch, "context": mid, "steps": steps,
             "threads": torch.get_num_threads(), "tokens_per_s": measured,
             "roofline_tokens_per_s": roof.tokens_per_s, "bound": roof.bound,
             "ratio": measured / roof.tokens_per_s}

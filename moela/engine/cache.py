@@ -52,8 +52,7 @@ class CacheLayout:
 
     @property
     def bytes_per_block(self) -> int:
-        itemsize = self.dtype.itemsize
-        return sum(self.block_size // s.tokens_per_entry * s.width * itemsize for s in self.all_specs() if s.paged)
+        return sum(self.block_size // s.tokens_per_entry * s.entry_bytes(self.dtype) for s in self.all_specs() if s.paged)
 
     @property
     def bytes_per_token(self) -> int | float:
@@ -62,7 +61,7 @@ class CacheLayout:
 
     @property
     def fixed_bytes_per_sequence(self) -> int:
-        return sum(s.fixed_bytes(self.dtype.itemsize) for s in self.all_specs())
+        return sum(s.fixed_bytes(self.dtype) for s in self.all_specs())
 
     def num_blocks(self, budget: int, num_slots: int) -> int:
         """Blocks that fit in `budget` bytes once the slots of the fixed kinds are set aside."""
@@ -74,17 +73,17 @@ class CacheLayout:
                 return num_blocks, self.block_size // s.tokens_per_entry, s.width
             return num_slots, s.entries_per_sequence, s.width
 
-        return [{s.name: torch.zeros(shape(s), dtype=self.dtype, device=device) for s in layer} for layer in self.specs]
+        return [{s.name: torch.zeros(shape(s), dtype=s.dtype or self.dtype, device=device) for s in layer}
+                for layer in self.specs]
 
     def describe(self) -> list[str]:
         """One line per cache kind: layers, values per entry, bytes per token and fixed bytes per sequence."""
         kinds: dict[str, list[CacheSpec]] = defaultdict(list)
         for spec in self.all_specs():
             kinds[spec.kind].append(spec)
-        itemsize = self.dtype.itemsize
         return [f"{kind}: {len(specs)} layers x {specs[0].width} values, "
-                f"{sum(s.bytes_per_token(itemsize) for s in specs):,.0f} bytes/token, "
-                f"{sum(s.fixed_bytes(itemsize) for s in specs):,} fixed bytes/sequence" for kind, specs in kinds.items()]
+                f"{sum(s.bytes_per_token(self.dtype) for s in specs):,.0f} bytes/token, "
+                f"{sum(s.fixed_bytes(self.dtype) for s in specs):,} fixed bytes/sequence" for kind, specs in kinds.items()]
 
 
 class BlockManager:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from moela import ops, quantize
-from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from moela import ops, quantize, threads
+from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
@@ -35,15 +35,16 @@ log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None):
-        path = Path(cfg.model) if cfg.model is not None else DEFAULT_MODEL_DIR
+        path = model_dir(cfg.model)
+        self.threads = threads.apply(cfg.threads)
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
+        self.max_model_len = cfg.check_model(self.model_cfg)
         self.tokenizer = None if cfg.skip_tokenizer_init else tokenizer or Tokenizer.from_pretrained(path)
-        self.model = model or load_model(path, dtype=cfg.torch_dtype, device=cfg.device, cfg=self.model_cfg)
-        self.device = self.model.embed.weight.device
-        dtype = self.model.embed.weight.dtype
-        self.backend = ops.select(cfg.backend, self.device, dtype)
+        self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
+        dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
+        self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
         quantize.prepare(self.model, self.backend)
-        self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
         layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
@@ -63,7 +64,7 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, layout, num_blocks, num_slots)
+        self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}
@@ -128,6 +129,8 @@ class LLMEngine:
         return bool(self.requests) or bool(self.aborted)
 
     def step(self) -> list[RequestOutput]:
+        if self.threads is not None:
+            self.threads.tick()
         outputs = [make_output(req) for req in self.aborted]
         self.aborted = []
         batch = self.scheduler.schedule()

@@ -1,6 +1,6 @@
 """Runner: the device boundary. Packs a scheduled batch into one StepContext and runs one forward.
 
-    runner = Runner(model, CacheLayout(model.cache_specs(), dtype, 64), num_blocks=512)
+    runner = Runner(model, CacheLayout(model.cache_specs(), dtype, 64), num_blocks=512, backend=backend)
     logits, prompt_logits = runner.execute(batch)       # batch: [(seq, n_new_tokens)] from the scheduler
 
 Prefill chunks and decode tokens of every scheduled sequence go through the model together: one
@@ -8,8 +8,8 @@ forward per step. Logits are computed only for the rows that are sampled (a sequ
 when its chunk reaches the end of what it has) and, for prompt logprobs, every prompt row.
 
 Every tensor of a step is built on the host from the scheduler's integers and copied to the model's
-device once, before the forward; the attention ops plan their gathers from the host-side lengths in
-the StepContext, so the reference backend's layer loop never waits on the device. What still
+device before the forward, the backend's index plans included (`plan`), so the reference backend's
+layer loop never waits on the device (bf16 weights; see moela/ops/reference.py for the one exception). What still
 synchronises, once per step and outside the layer loop: the sampled token ids (and the logprobs
 asked for) come back to the host, which needs them to detokenize, stop and schedule the next step.
 Inside the loop, only backends whose MoE kernel runs one matmul per expert read the per-expert token
@@ -19,14 +19,16 @@ grouped matmul takes its offsets on the device.
 
 import torch
 
+from moela import ops
 from moela.engine.cache import CacheLayout
 from moela.engine.sequence import Sequence
 from moela.models import StepContext
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, layout: CacheLayout, num_blocks: int, num_slots: int = 0):
-        self.model, self.block_size = model, layout.block_size
+    def __init__(self, model: torch.nn.Module, layout: CacheLayout, num_blocks: int, num_slots: int = 0,
+                 backend: ops.Backend = ops.REFERENCE):
+        self.model, self.block_size, self.backend = model, layout.block_size, backend
         self.device = model.embed.weight.device
         self.caches = layout.allocate(num_blocks, num_slots, self.device)
         model.attach_cache(self.caches)
@@ -44,15 +46,17 @@ class Runner:
         seq_slots = [seq.slot for seq, _ in batch]
         ctx = StepContext(positions=on_device(positions), q_lens=[n for _, n in batch],
                           kv_lens=[seq.num_computed + n for seq, n in batch], slot_mapping=on_device(slots),
-                          block_tables=on_device(tables), seq_slots=None if None in seq_slots else on_device(seq_slots))
+                          block_tables=on_device(tables), seq_slots=None if None in seq_slots else on_device(seq_slots),
+                          block_size=bs)
+        self.backend.plan(ctx)
         return on_device(tokens), ctx
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Return (logits of each batch entry's last row [B, V], {b: logits of all of b's rows} for b in all_rows)."""
         tokens, ctx = self.context(batch)
-        hidden = self.model(tokens, ctx.positions, ctx)
         last = torch.tensor(ctx.q_starts[1:], device=self.device) - 1
+        hidden = self.model(tokens, ctx.positions, ctx)
         logits = self.model.logits(hidden[last]).float()
         every = {b: self.model.logits(hidden[ctx.q_starts[b] : ctx.q_starts[b + 1]]).float() for b in all_rows}
         return logits, every

@@ -29,17 +29,21 @@ class CacheSpec:
     width: int
     tokens_per_entry: int = 1
     entries_per_sequence: int = 0
+    dtype: torch.dtype | None = None  # None: the model's dtype
 
     @property
     def paged(self) -> bool:
         return self.entries_per_sequence == 0
 
-    def bytes_per_token(self, itemsize: int) -> float:
-        return self.width * itemsize / self.tokens_per_entry if self.paged else 0.0
+    def entry_bytes(self, model_dtype: torch.dtype) -> int:
+        return self.width * (self.dtype or model_dtype).itemsize
 
-    def fixed_bytes(self, itemsize: int) -> int:
+    def bytes_per_token(self, model_dtype: torch.dtype) -> float:
+        return self.entry_bytes(model_dtype) / self.tokens_per_entry if self.paged else 0.0
+
+    def fixed_bytes(self, model_dtype: torch.dtype) -> int:
         """Bytes each running sequence holds whatever its length."""
-        return self.entries_per_sequence * self.width * itemsize
+        return self.entries_per_sequence * self.entry_bytes(model_dtype)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class StepContext:
     slot_mapping: torch.Tensor | None = None  # [T] flat cache row of each new token (paged kinds)
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
     seq_slots: torch.Tensor | None = None  # [B] each sequence's slot in the fixed kinds' buffers
+    block_size: int | None = None  # tokens per cache block (None: no cache)
     naive_prefill: bool = True  # decompress K/V for prompts with no cached prefix
     q_starts: list[int] = field(init=False)  # [B + 1] where each sequence's tokens start
     plans: dict = field(default_factory=dict)  # index plans the ops build once per step and every layer reuses
@@ -76,3 +81,10 @@ class StepContext:
             absorbed = sorted(set(range(len(self.q_lens))) - set(naive))
             self.plans[key] = (naive, absorbed)
         return self.plans[key]
+
+    def absorbed_rows(self) -> torch.Tensor:
+        """[T_absorbed] token rows of the absorbed sequences, on the device (built once per step)."""
+        if "absorbed_rows" not in self.plans:
+            rows = [self.q_starts[i] + j for i in self.split()[1] for j in range(self.q_lens[i])]
+            self.plans["absorbed_rows"] = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        return self.plans["absorbed_rows"]

@@ -27,7 +27,7 @@ class MLA(OpsModule):
         super().__init__()
         self.n_heads, self.kv_lora_rank = cfg.num_attention_heads, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        self.v_head_dim, self.interleave = cfg.v_head_dim, cfg.rope_interleave
+        self.v_head_dim, self.interleave, self.latent_dim = cfg.v_head_dim, cfg.rope_interleave, cfg.latent_dim
         self.softmax_scale = cfg.softmax_scale
         q_out = cfg.num_attention_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -43,7 +43,7 @@ class MLA(OpsModule):
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, latent_dim], set by the engine
 
     def cache_specs(self) -> list[CacheSpec]:
-        return [CacheSpec("kv_cache", "latent", self.kv_lora_rank + self.qk_rope_head_dim)]
+        return [CacheSpec("kv_cache", "latent", self.latent_dim)]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
@@ -57,10 +57,15 @@ class MLA(OpsModule):
             self.ops.store_latent(self.kv_cache, ctx.slot_mapping, latent)
 
         naive, absorbed = ctx.split()
-        out = self.absorbed(q_nope, q_pe, latent, ctx) if absorbed else x.new_empty(T, self.n_heads, self.v_head_dim)
+        if not naive:
+            return self.wo(self.absorbed(q_nope, q_pe, latent, ctx).flatten(1))
+        out = x.new_empty(T, self.n_heads, self.v_head_dim)
         for i in naive:
             a, b = ctx.q_starts[i], ctx.q_starts[i + 1]
             out[a:b] = self.naive(q_nope[a:b], q_pe[a:b], latent[a:b])
+        if absorbed:
+            rows = ctx.absorbed_rows()
+            out.index_copy_(0, rows, self.absorbed(q_nope, q_pe, latent, ctx, rows))
         return self.wo(out.flatten(1))
 
     def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -84,14 +89,15 @@ class MLA(OpsModule):
             self._absorbed_key = key
         return self._w_uk, self._w_uv_t
 
-    def absorbed(self, q_nope, q_pe, latent, ctx: StepContext) -> torch.Tensor:
-        """Attention in latent space: wkv_b's K part folded into q, its V part applied after -> [T, h, v]
-        (rows of naive sequences hold zeros, to be overwritten)."""
+    def absorbed(self, q_nope, q_pe, latent, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention in latent space: wkv_b's K part folded into q, its V part applied after -> [T, h, v],
+        or only the given token rows [len(rows), h, v]."""
         w_uk, w_uv_t = self.absorbed_weights()
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, c]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, c + r]: scores = q . [c_kv | k_pe]
         o = self.ops.latent_attention(q, self.kv_cache, latent, ctx, self.softmax_scale, self.kv_lora_rank)  # [T, h, c]
-        return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # [T, h, v]
+        o = o if rows is None else o.index_select(0, rows)
+        return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # [rows, h, v]
 
 
 class Block(nn.Module):

@@ -19,6 +19,7 @@ settings it wants, applied by `select`), and may fail to import where its librar
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
 | store_latent, latent_attention | write the MLA latent into the paged cache; absorbed attention over it |
 | moe, pack_experts | the routed experts of a step's tokens; pack_experts as pack_linear |
+| plan | this step's index plans, built by the runner before the forward so no layer copies to the device |
 """
 
 import importlib
@@ -31,7 +32,7 @@ import torch
 from moela.errors import MoelaError
 from moela.ops import reference
 
-BACKENDS = ("reference", "cpu")  # every backend module, in the order "auto" prefers them (reference last)
+BACKENDS = ("reference", "cpu")  # every backend module
 AUTO_ORDER = {"cpu": ("cpu",)}  # device type -> backends "auto" tries before the reference
 
 
@@ -47,6 +48,7 @@ class Backend:
     latent_attention: Callable
     moe: Callable
     pack_experts: Callable
+    plan: Callable
 
     def implemented(self) -> list[str]:
         """The ops this backend defines itself (the others are the reference's)."""
@@ -83,10 +85,12 @@ def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "auto":
         usable = [b for b in AUTO_ORDER.get(device.type, ()) if why_unavailable(b, device, dtype) is None]
         name = usable[0] if usable else "reference"
-    backend = load(name)  # an unknown name fails here, naming the choices
+    if name not in BACKENDS:
+        raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
     reason = why_unavailable(name, device, dtype)
     if reason:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device} with {dtype}: {reason}")
+    backend = load(name)
     getattr(importlib.import_module(f"moela.ops.{name}"), "setup", lambda: None)()
     return backend
 

@@ -1,8 +1,10 @@
 """The reference backend: every op in plain PyTorch, on any device. The ground truth the others are
-tested against (tests/test_ops.py), and what training and export run.
+tested against (tests/test_ops.py), and what training runs.
 
-Nothing here reads a tensor's values on the host: the ops of a step can be captured, compiled or
-exported, and run on any device. The paged latent cache of one MLA layer is [num_blocks, block_size,
+Nothing here reads a tensor's values on the host, with one exception: off the CPU, torch's grouped
+matmul takes bf16 only, and `moe` in other dtypes there loops over experts with their token counts
+read on the host. With bf16 weights (and on the CPU in any dtype) a step's ops run on any device
+without waiting on it; torch.compile and torch.export trace the grouped matmul in bf16 only. The paged latent cache of one MLA layer is [num_blocks, block_size,
 width]; token p of a sequence lives in row p % block_size of block block_table[p // block_size], and
 `slot_mapping` gives each new token's flat row (block * block_size + row).
 Letters: T tokens, h heads, w latent width (c + r), c value width (kv_lora_rank), b sequences of a
@@ -72,8 +74,9 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.
 
     Without a cache (cache None) each sequence attends only its own new tokens in `latent` [T, w].
     Single-token (decode) sequences are batched, padded to the longest context; other sequences (chunks
-    after a cached prefix) come one at a time. The index plan is built once per step, by the first
-    layer, and kept in ctx.plans; keys are gathered per layer, whole blocks at a time.
+    after a cached prefix) come one at a time. The index plan is built once per step (by `plan`, or by
+    the first layer when a caller did not plan) and kept in ctx.plans; keys are gathered per layer,
+    whole blocks at a time.
     """
     key = ("latent", None if cache is None else cache.shape[1])
     if key not in ctx.plans:
@@ -91,6 +94,16 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.
         o = torch.bmm(probs, keys[..., :value_dim]).view(b * n, h, value_dim)
         out.index_copy_(0, dst, o.index_select(0, src))
     return out
+
+
+def plan(ctx) -> None:
+    """Build the step's plans into ctx before the forward (the runner calls this): every index tensor a
+    layer needs is then on the device already, and no layer waits for a host-to-device copy."""
+    naive, absorbed = ctx.split()
+    if absorbed:
+        ctx.plans[("latent", ctx.block_size)] = _latent_plan(ctx, ctx.block_size, ctx.positions.device)
+        if naive:
+            ctx.absorbed_rows()
 
 
 def _latent_plan(ctx, block_size: int | None, device: torch.device) -> list[tuple]:

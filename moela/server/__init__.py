@@ -4,7 +4,7 @@
     worker.py       EngineWorker: the engine's own thread, bridged to asyncio
     protocol.py     request models, ApiError, -> SamplingParams
     completions.py  POST /v1/completions        chat.py  POST /v1/chat/completions
-    serving.py      what both share (SSE, usage, logprobs, disconnects)
+    endpoints.py    what both share: the request/stream skeleton, SSE, usage, logprobs, disconnects, worker errors
     middleware.py   API key, content type, body size      metrics.py  Prometheus
     reasoning.py    <think> -> reasoning_content
 """

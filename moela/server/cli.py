@@ -14,40 +14,58 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
-from moela.config import DTYPES, add_engine_args
+from moela.config import DTYPES, HelpFormatter, add_engine_args
 from moela.server.app import REASONING_PARSERS, ServerConfig, build_app
 from moela.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 
+def port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535; 0 picks a free one)")
+    return int(value)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moela serve", description="OpenAI-compatible server (/v1/completions, "
-                                "/v1/chat/completions, /v1/models, /health, /metrics).")
+                                "/v1/chat/completions, /v1/models, /health, /metrics).",
+                                formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the embedded default model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("MOELA_API_KEY"), help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    p.add_argument("--model", dest="model_flag", default=None, help="the same, as a flag")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=os.environ.get("MOELA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: the MOELA_API_KEY environment variable, if set)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model directory as given, or moela-default)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-queued-requests", type=int, default=256, help="requests waiting beyond those (then 503)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: from max-num-seqs)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length served (default and upper bound: the model's max_position_embeddings)")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: max-num-seqs full "
+                   "contexts, at most a quarter of memory)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype")
     add_engine_args(p)
-    p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS (default: none)")
+    p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS (none by default)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="put <think>...</think> into reasoning_content")
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="debug adds uvicorn's access log")
+    args = p.parse_args(argv)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        p.error(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+    args.model = args.model or args.model_flag
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -55,34 +73,58 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         worker, app = build(args)
-    except ValueError as e:  # MoelaError included: a bad model directory or option
+        sock = listen(args.host, args.port)  # fails here, before the model loads, if the port is taken
+    except (ValueError, OSError) as e:  # MoelaError included: a bad model directory or option
         print(f"error: {e}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                            access_log=args.log_level == "debug")
+    url = f"http://{args.host}:{sock.getsockname()[1]}"
+    log.info("loading %s; /health answers 503 until it is ready", args.model or "the embedded default model")
+    worker.on_ready = lambda: log.info("ready: serving %r on %s", served_name(args), url)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    logging.getLogger("uvicorn.error").addFilter(lambda record: "Uvicorn running on" not in record.getMessage())
     server = DrainingServer(config, worker, args.drain_timeout)
-    server.run()
+    server.run(sockets=[sock])
     return 1 if worker.state == "dead" else 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, with the reason in the error when that is not possible."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
     """The worker (whose thread will load the model) and the app; the config is checked here, up front."""
-    from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+    import torch
+
+    from moela import ops
+    from moela.config import EngineConfig, ModelConfig, model_dir
     from moela.engine.llm import LLMEngine
 
-    path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not path.is_dir():
-        raise ValueError(f"{path}: no such model directory")
-    ModelConfig.from_pretrained(path)  # an unsupported model fails before the server starts
-    engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, max_model_len=args.max_model_len,
+    path = model_dir(args.model)
+    engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
+                              max_model_len=args.max_model_len,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+    engine_cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before the server starts
+    ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")
-    cfg = ServerConfig(model_name=args.served_model_name or args.model or "moela-default", api_key=args.api_key,
+    cfg = ServerConfig(model_name=served_name(args), api_key=args.api_key,
                        cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser,
                        max_body_bytes=args.max_body_bytes)
     worker = EngineWorker(lambda: LLMEngine(engine_cfg), capacity=args.max_num_seqs + args.max_queued_requests)
     return worker, build_app(worker, cfg)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or args.model or "moela-default"
 
 
 class DrainingServer(uvicorn.Server):

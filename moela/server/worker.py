@@ -112,6 +112,7 @@ class EngineWorker:
         self.snapshot: dict = {}
         self.metrics = ServerMetrics(lambda: self.snapshot)
         self.on_dead: Callable[[], None] = lambda: None
+        self.on_ready: Callable[[], None] = lambda: None  # called from the engine thread once warmed up
         self.in_flight = 0  # reserved request slots
         self.tracks: dict[str, Track] = {}
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -185,6 +186,9 @@ class EngineWorker:
                 track.last_token = now
             if out.finished:
                 self.metrics.e2e.observe(now - track.arrival)
+                log.info("request %s finished: %d prompt + %s generated tokens, %s, %.2fs", out.request_id,
+                         len(out.prompt_token_ids), "+".join(str(len(o.token_ids)) for o in out.outputs),
+                         "/".join(str(o.finish_reason) for o in out.outputs), now - track.arrival)
                 del self.tracks[out.request_id]
                 track.job.unfinished.discard(out.request_id)
             track.job.queue.put_nowait((track.index, out))
@@ -207,6 +211,7 @@ class EngineWorker:
             self._warm_up()
             if self.state == "loading":
                 self.state = "ready"
+                self.on_ready()
             self._serve()
         except BaseException as e:  # the engine is gone: fail everything, ask the server to exit
             if self.state == "stopped":

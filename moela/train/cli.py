@@ -27,7 +27,8 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from moela.config import DEFAULT_MODEL_DIR, DTYPES, ModelConfig
+from moela import threads
+from moela.config import DEFAULT_MODEL_DIR, DTYPES, HelpFormatter, ModelConfig
 from moela.errors import MoelaError
 from moela.train import data
 from moela.train.loop import Trainer, TrainConfig, check_run, read_trainer_state
@@ -38,46 +39,49 @@ log = logging.getLogger("moela.train")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="moela train", description="Train a DeepSeek-architecture model (MLA + MoE + MTP).")
+    p = argparse.ArgumentParser(prog="moela train", description="Train a DeepSeek-architecture model (MLA + MoE + MTP).",
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for the final model")
     p.add_argument("--config", type=Path, default=None, help="HF config.json with the architecture (default: the embedded model's)")
     p.add_argument("--corpus", type=Path, action="append", help="file or directory (repeatable; default: this Python's stdlib)")
     p.add_argument("--glob", default="*.py", help="file pattern inside corpus directories")
     p.add_argument("--exclude", action="append", default=list(data.DEFAULT_EXCLUDE), help="relative-path pattern to skip (repeatable)")
     p.add_argument("--holdout", type=float, default=0.02, help="fraction of files held out for evaluation")
-    p.add_argument("--vocab-size", type=int, default=6144)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=6144, help="tokens of the byte-level BPE trained on the corpus")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (all ranks)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine decay)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a share of --lr")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 100, at most a tenth of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay of matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="muon for matrices, AdamW for the rest")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or plain fp32")
+    p.add_argument("--seed", type=int, default=0, help="sets the initialization and the data order")
     p.add_argument("--bias-update-speed", type=float, default=1e-3, help="gamma of the aux-loss-free bias update")
     p.add_argument("--balance-alpha", type=float, default=0.0, help="weight of the sequence-wise balance loss")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss")
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out sequences per periodic evaluation (the final one uses all)")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT/checkpoints")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to continue from")
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of the final model")
     p.add_argument("--sample-prompt", default="def fibonacci(n):", help="prompt of the greedy sample in the model card")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 is faster on a busy machine)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to train on")
+    p.add_argument("--threads", type=threads.argument, default="auto",
+                   help="CPU threads: a number, or auto (the cores free now, fewer when another process takes one)")
     return p.parse_args(argv)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        min_lr_ratio=args.min_lr_ratio, warmup=min(100, args.steps // 10) if args.warmup is None else args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         optimizer=args.optimizer, precision=args.precision, seed=args.seed, bias_update_speed=args.bias_update_speed,
         balance_alpha=args.balance_alpha, mtp_weight=args.mtp_weight)
 
@@ -97,7 +101,13 @@ def load_tokenizer(args: argparse.Namespace, train_texts: list[str], rank: int, 
     if args.resume:
         return Tokenizer.from_file(str(args.resume / "tokenizer.json"))
     if rank == 0:
-        data.save_tokenizer(data.train_tokenizer(train_texts, args.vocab_size), args.out, max_len)
+        say(rank, f"training a {args.vocab_size}-token byte-level BPE on {len(train_texts)} files ...")
+        tok = data.train_tokenizer(train_texts, args.vocab_size)
+        if tok.get_vocab_size() < args.vocab_size:
+            say(rank, f"warning: the tokenizer has {tok.get_vocab_size()} tokens, fewer than --vocab-size "
+                      f"{args.vocab_size}: the training files hold no more merges to learn (a larger corpus gives "
+                      f"more); the model's vocab_size is {tok.get_vocab_size()}")
+        data.save_tokenizer(tok, args.out, max_len)
     if dist.is_initialized():
         dist.barrier()
     return Tokenizer.from_file(str(args.out / "tokenizer.json"))
@@ -109,12 +119,14 @@ def prepare(args: argparse.Namespace, tc: TrainConfig, rank: int) -> tuple[dict,
     cfg = ModelConfig.from_dict(arch)
     check_run(cfg, tc)  # a bad --seq-len fails before any tokenizing
     roots = args.corpus or [data.stdlib_dir()]
+    say(rank, f"reading {args.glob} files under {', '.join(map(str, roots))} ...")
     files = data.find_files(roots, args.glob, tuple(args.exclude))
     train_files, heldout_files = data.split_files(files, args.holdout)
     train_texts, heldout_texts = data.read_texts(train_files), data.read_texts(heldout_files)
     tok = load_tokenizer(args, train_texts, rank, cfg.max_position_embeddings)
     arch |= {"vocab_size": tok.get_vocab_size(), "bos_token_id": tok.token_to_id(data.BOS),
              "eos_token_id": tok.token_to_id(data.EOS)}
+    say(rank, f"tokenizing and packing into sequences of {tc.seq_len} ...")
     windows = {"train": data.pack(tok, train_texts, tc.seq_len), "heldout": None}
     try:
         windows["heldout"] = data.pack(tok, heldout_texts, tc.seq_len)
@@ -134,8 +146,7 @@ def save_checkpoint(trainer: Trainer, tok: Tokenizer, path: Path, dtype: torch.d
 
 def run(args: argparse.Namespace) -> int:
     start, tc = time.perf_counter(), train_config(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.governor = threads.apply(args.threads)
     rank = dist.get_rank() if dist.is_initialized() else 0
     args.out.mkdir(parents=True, exist_ok=True)
     arch, tok, windows, facts = prepare(args, tc, rank)
@@ -146,9 +157,11 @@ def run(args: argparse.Namespace) -> int:
     n = param_counts(trainer.model, trainer.mtp, trainer.cfg)
     say(rank, f"{facts['n_train_files']} training files -> {len(windows['train']) * tc.seq_len / 1e6:.2f}M tokens in "
               f"{len(windows['train'])} sequences of {tc.seq_len}; vocab {arch['vocab_size']}; {n['total'] / 1e6:.2f}M "
-              f"parameters ({n['active'] / 1e6:.2f}M active) + MTP {n['mtp'] / 1e6:.2f}M; starting at step {trainer.step_num}")
+              f"parameters ({n['active'] / 1e6:.2f}M active) + MTP {n['mtp'] / 1e6:.2f}M; warmup {tc.warmup} of {tc.steps} steps; starting at step {trainer.step_num}")
     ckpt_dir = args.checkpoint_dir or args.out / "checkpoints"
     max_vio = train_loop(args, trainer, tok, ckpt_dir, rank)
+    if windows["heldout"] is not None:
+        say(rank, f"final evaluation on all {len(windows['heldout'])} held-out sequences ...")
     heldout_loss = trainer.evaluate()
     say(rank, f"final held-out loss {heldout_loss:.4f} (perplexity {torch.tensor(heldout_loss).exp():.2f})")
     save_checkpoint(trainer, tok, args.out, DTYPES[args.save_dtype], state=False)
@@ -167,6 +180,8 @@ def train_loop(args: argparse.Namespace, trainer: Trainer, tok: Tokenizer, ckpt_
     while trainer.step_num < tc.steps:
         t0 = time.perf_counter()
         m = trainer.step()
+        if args.governor is not None:
+            args.governor.tick()
         tokens, busy, max_vio = tokens + tc.batch_size * tc.seq_len, busy + time.perf_counter() - t0, m["max_vio"]
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_loss']:.3f}", tok_s=f"{tokens / busy:,.0f}", refresh=False)

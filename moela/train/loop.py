@@ -33,8 +33,6 @@ from moela.train.balance import RouterMonitor, max_violation
 from moela.train.mtp import MTP
 from moela.train.optim import build_optimizers, lr_at, set_lr
 
-ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                 "kimi_k2": "DeepseekV3ForCausalLM"}
 
 
 @dataclass
@@ -209,10 +207,7 @@ class Trainer:
         """HF-format model at path (MTP as layer num_hidden_layers); with state, what resume() needs."""
         if self.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
-            save_model(self.model, path, self.mtp, dtype)
-            config = self.arch | {"architectures": [ARCHITECTURES[self.cfg.model_type]],
-                                  "dtype": str(dtype or torch.float32).removeprefix("torch.")}
-            (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            save_model(self.model, path, self.mtp, dtype, config=self.arch)
             if state:
                 torch.save([opt.state_dict() for opt in self.optimizers], path / "optimizer.pt")
                 trainer_state = {"step": self.step_num, "run": self.run, "train_config": asdict(self.tc), "history": self.history}
