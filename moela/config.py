@@ -399,6 +399,46 @@ class SchedulerConfig:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: must be an integer >= 1")
 
 
+SPECULATIVE_METHODS = {"mtp": "mtp", "deepseek_mtp": "mtp"}  # vLLM's names -> ours
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: the checkpoint's MTP layer drafts num_speculative_tokens tokens per
+    step and the model verifies them in its next step (moela/engine/speculative.py)."""
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method = {self.method!r} is not supported: use 'mtp' (the model's "
+                             "own multi-token-prediction layer)")
+        self.method = SPECULATIVE_METHODS[self.method]
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config num_speculative_tokens = {k!r} is invalid: must be an integer in [1, 16]")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
+        """From a dict or its JSON text (the CLI's --speculative-config); None stays None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config {value!r} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config = {value!r} is invalid: must be a dict such as "
+                             '{"method": "mtp", "num_speculative_tokens": 1}')
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"speculative_config field {unknown[0]!r} is not supported (supported: method, "
+                             "num_speculative_tokens)")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model: str | Path | None = None  # None: the embedded default model
@@ -413,6 +453,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
+    speculative_config: SpeculativeConfig | dict | str | None = None  # e.g. {"method": "mtp", "num_speculative_tokens": 2}
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -434,6 +475,7 @@ class EngineConfig:
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -463,7 +505,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
+    parser.add_argument("--speculative-config", type=speculative_argument, default=None,
+                        help='speculative decoding as JSON, e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\': '
+                             "the checkpoint's MTP layer drafts, the model verifies (default: off)")
     add_threads_arg(parser)
+
+
+def speculative_argument(value: str) -> SpeculativeConfig:
+    try:
+        return SpeculativeConfig.parse(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:

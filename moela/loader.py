@@ -294,7 +294,9 @@ def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None
 
 
 def load_mtp(mtp: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
-    """Fill an MTP module from layer cfg.num_hidden_layers of a checkpoint (the layer load_model skips)."""
+    """Fill an MTP module from layer cfg.num_hidden_layers of a checkpoint (the layer load_model skips). The
+    layer's own copies of the embedding and output head (DeepSeek-V3 stores them) are not read: the MTP
+    module uses the main model's."""
     path = Path(path)
     where = checkpoint_files(path)
     expected = to_hf(_mtp_state(mtp, cfg.num_hidden_layers))
@@ -302,7 +304,9 @@ def load_mtp(mtp: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
     missing = sorted(set(expected) - set(where))
     if missing:
         raise CheckpointError(f"{path}: missing MTP tensor '{missing[0]}' (checkpoint has no MTP layer for this config)")
-    extra = sorted(n for n in where if n.startswith(prefix) and n not in expected and not n.endswith("_scale_inv"))
+    shared = (prefix + "embed_tokens.weight", prefix + "shared_head.head.weight")
+    extra = sorted(n for n in where if n.startswith(prefix) and n not in expected and not n.endswith("_scale_inv")
+                   and n not in shared)
     if extra:
         raise CheckpointError(f"{where[extra[0]]}: unexpected MTP tensor '{extra[0]}' for this config")
     params = _mtp_state(mtp, cfg.num_hidden_layers)  # shares storage with mtp's parameters

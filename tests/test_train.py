@@ -20,7 +20,7 @@ from moela.train import data
 from moela.train.balance import RouterMonitor, max_violation
 from moela.train.cli import main as train_main
 from moela.train.loop import Trainer, TrainConfig
-from moela.train.mtp import MTP
+from moela.models.mtp import MTP
 from moela.train.optim import lr_at, orthogonalize
 
 ARCH = dict(model_type="deepseek_v3", vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

@@ -8,6 +8,7 @@ start-up log) and its bookkeeping (BlockManager: blocks, slots, prefix caching).
     cached = bm.allocate_prefix(seq)        # share the full prompt blocks already in the cache
     ok = bm.ensure(seq, n_tokens)           # give seq enough blocks for its first n_tokens (and a slot)
     bm.commit(seq)                          # publish its full, computed blocks under their hash chain
+    bm.trim(seq, n_tokens)                  # free its blocks past n_tokens (rejected draft tokens)
     bm.free(seq)                            # drop its references (cached blocks stay until evicted)
 
 Every paged kind grows with the token count at its fixed ratio, so one block table per sequence
@@ -176,14 +177,22 @@ class BlockManager:
             if key not in self.by_key and self.key[block] is None:
                 self.by_key[key], self.key[block] = block, key
 
+    def trim(self, seq: Sequence, n_tokens: int) -> None:
+        """Free seq's blocks wholly past its first n_tokens (those only rejected draft tokens used)."""
+        while len(seq.block_table) > -(-n_tokens // self.block_size):
+            self._release(seq.block_table.pop())
+
+    def _release(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            if self.key[block] is None:
+                self.free_plain.append(block)
+            else:
+                self.free_keyed[block] = None
+
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # the prefix's head is freed last, so evicted last
-            self.ref[block] -= 1
-            if self.ref[block] == 0:
-                if self.key[block] is None:
-                    self.free_plain.append(block)
-                else:
-                    self.free_keyed[block] = None
+            self._release(block)
         if seq.slot is not None:
             self.free_slots.append(seq.slot)
         seq.block_table, seq.block_keys, seq.num_computed, seq.slot = [], [], 0, None

@@ -27,6 +27,7 @@ from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
 from moela.engine.scheduler import Scheduler
 from moela.engine.sequence import Request, Sequence
+from moela.engine.speculative import Speculator
 from moela.loader import load_model
 from moela.tokenizer import Tokenizer
 
@@ -45,7 +46,10 @@ class LLMEngine:
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
         self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
         quantize.prepare(self.model, self.backend)
-        self.layout = layout = CacheLayout.fit(self.model.cache_specs(), dtype, cfg.block_size)
+        spec = cfg.speculative_config
+        self.speculator = Speculator(spec, self.model, path, self.backend) if spec else None
+        specs = self.model.cache_specs() + (self.speculator.cache_specs() if self.speculator else [])
+        self.layout = layout = CacheLayout.fit(specs, dtype, cfg.block_size)
         if layout.block_size != cfg.block_size:
             log.info("block_size %d -> %d: this model's compressed caches keep one entry per %d tokens", cfg.block_size,
                      layout.block_size, math.lcm(*(s.tokens_per_entry for s in layout.all_specs())))
@@ -68,6 +72,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+        if self.speculator:
+            self.speculator.attach_cache(self.runner.caches[len(self.model.layers) :])
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}
@@ -139,6 +145,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        if self.speculator is not None:
+            self.speculator.step(self, batch)
+        else:
+            self._execute(batch)
+        moved = {seq.request_id for seq, _ in batch}
+        for rid in moved:
+            req = self.requests.get(rid)
+            if req is not None:
+                outputs.append(make_output(req))
+                if all(s.finished for s in req.seqs):
+                    del self.requests[rid]
+        return outputs
+
+    def _execute(self, batch: list[tuple[Sequence, int]]) -> None:
         all_rows = {b for b, (seq, _) in enumerate(batch) if seq.params.prompt_logprobs is not None and seq.in_prefill}
         logits, prompt_logits = self.runner.execute(batch, all_rows)
         for b, (seq, n) in enumerate(batch):
@@ -149,14 +169,6 @@ class LLMEngine:
         rows = [b for b, (seq, _) in enumerate(batch) if seq.num_computed == len(seq.token_ids)]
         if rows:
             self._sample([batch[b][0] for b in rows], logits[rows])
-        moved = {seq.request_id for seq, _ in batch}
-        for rid in moved:
-            req = self.requests.get(rid)
-            if req is not None:
-                outputs.append(make_output(req))
-                if all(s.finished for s in req.seqs):
-                    del self.requests[rid]
-        return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         raw = logits
@@ -205,7 +217,7 @@ class LLMEngine:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": self.blocks.usage(),
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_queries,
-                "prefix_cache_hits": s.prefix_hits, **self.counters}
+                "prefix_cache_hits": s.prefix_hits, **self.counters, **(self.speculator.stats() if self.speculator else {})}
 
 
 class LLM:

@@ -33,19 +33,22 @@ class Runner:
         self.caches = layout.allocate(num_blocks, num_slots, self.device)
         model.attach_cache(self.caches)
 
-    def context(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepContext]:
+    def context(self, batch: list[tuple[Sequence, int]], starts: list[int] | None = None) -> tuple[torch.Tensor, StepContext]:
+        """(tokens, context) of n tokens per sequence from its num_computed (or from `starts`); tokens past
+        token_ids are its draft tokens (spec_tokens)."""
         tokens, positions, slots, bs = [], [], [], self.block_size
         width = max(len(seq.block_table) for seq, _ in batch)
-        for seq, n in batch:
-            start = seq.num_computed
-            tokens += seq.token_ids[start : start + n]
+        starts = starts or [seq.num_computed for seq, _ in batch]
+        for (seq, n), start in zip(batch, starts):
+            ids = seq.token_ids[start : start + n]
+            tokens += ids + seq.spec_tokens[: n - len(ids)]
             positions += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
         on_device = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         seq_slots = [seq.slot for seq, _ in batch]
         ctx = StepContext(positions=on_device(positions), q_lens=[n for _, n in batch],
-                          kv_lens=[seq.num_computed + n for seq, n in batch], slot_mapping=on_device(slots),
+                          kv_lens=[start + n for (_, n), start in zip(batch, starts)], slot_mapping=on_device(slots),
                           block_tables=on_device(tables), seq_slots=None if None in seq_slots else on_device(seq_slots),
                           block_size=bs, naive_prefill=self.model.naive_prefill)
         self.backend.plan(ctx)
@@ -54,9 +57,14 @@ class Runner:
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Return (logits of each batch entry's last row [B, V], {b: logits of all of b's rows} for b in all_rows)."""
-        tokens, ctx = self.context(batch)
+        hidden, ctx = self.forward(batch)
         last = torch.tensor(ctx.q_starts[1:], device=self.device) - 1
-        hidden = self.model(tokens, ctx.positions, ctx)
         logits = self.model.logits(hidden[last]).float()
         every = {b: self.model.logits(hidden[ctx.q_starts[b] : ctx.q_starts[b + 1]]).float() for b in all_rows}
         return logits, every
+
+    @torch.inference_mode()
+    def forward(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepContext]:
+        """The final hidden state of every scheduled token [T, d], and the step's context."""
+        tokens, ctx = self.context(batch)
+        return self.model(tokens, ctx.positions, ctx), ctx

@@ -3,6 +3,7 @@
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64, stop=["\\n\\n"], seed=1)
     logits = apply_penalties(logits, [params_a, params_b], histories)
     tokens = sample(logits, [params_a, params_b], [gen_a, gen_b])       # [B] on logits.device
+    p = probabilities(logits, [params_a, params_b])                    # [B, V]: what sample() draws from
 
 Each request draws its randomness from its own generator (seeded from `seed`, on the engine's
 device), so a seeded request gives the same tokens whatever else shares its batch.
@@ -109,6 +110,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
+    probs, order = _filtered(logits, params, rows)
+    for j, i in enumerate(rows):  # exponential race: argmax(p / E), E ~ Exp(1) from the request's own generator
+        noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=generators[i])
+        tokens[i] = order[j, (probs[j] / noise).argmax()]
+    return tokens
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution sample() draws each row from, [B, V] in vocabulary order (greedy rows: one-hot)."""
+    out = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        kept, order = _filtered(logits, params, rows)
+        out[rows] = torch.zeros_like(kept).scatter_(1, order, kept / kept.sum(dim=-1, keepdim=True))
+    return out
+
+
+def _filtered(logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities after temperature, top-k, top-p and min-p, unnormalized, sorted descending [R, V], the
+    vocabulary id of each sorted column [R, V]) for the given rows."""
     on_device = lambda values: torch.tensor(values, device=logits.device)  # noqa: E731
     x = logits[rows] / on_device([params[i].temperature for i in rows])[:, None]
     top_k = on_device([params[i].top_k if params[i].top_k > 0 else x.shape[1] for i in rows])
@@ -120,11 +141,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = sorted_x.softmax(dim=-1)
     drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keep the smallest prefix reaching top_p
     drop |= probs < min_p[:, None] * probs[:, :1]
-    probs = probs.masked_fill(drop, 0.0)
-    for j, i in enumerate(rows):  # exponential race: argmax(p / E), E ~ Exp(1) from the request's own generator
-        noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=generators[i])
-        tokens[i] = order[j, (probs[j] / noise).argmax()]
-    return tokens
+    return probs.masked_fill(drop, 0.0), order
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@
     ...run the model, append sampled tokens...
     sched.finish(seq)               # frees its blocks at once
 
-Running sequences are served first, decodes (one token each) before prefill chunks so a long prompt
+Running sequences are served first, decodes (one token each, plus its draft tokens under speculative
+decoding) before prefill chunks so a long prompt
 never stalls them, then waiting ones in arrival order while the budget and free blocks last.
 When blocks run out, the newest running sequence not yet scheduled in this step is preempted: its
 blocks are freed and it goes back to the head of the queue to be recomputed (its tokens so far are
@@ -39,7 +40,7 @@ class Scheduler:
                 break
             if seq.status != Status.RUNNING:  # preempted earlier in this step
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = min(len(seq.token_ids) + len(seq.spec_tokens) - seq.num_computed, budget)
             while seq.status == Status.RUNNING and not self.blocks.ensure(seq, seq.num_computed + n):
                 scheduled = {id(s) for s, _ in batch}
                 self.preempt(next(s for s in reversed(self.running) if id(s) not in scheduled))
@@ -78,7 +79,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.status = Status.WAITING
+        seq.status, seq.spec_tokens = Status.WAITING, []
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

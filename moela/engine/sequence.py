@@ -47,6 +47,8 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     first_sibling: "Sequence | None" = None  # for samples 1..n-1: sample 0, whose prefilled blocks they share
+    spec_tokens: list[int] = field(default_factory=list)  # draft tokens the next step verifies (speculative decoding)
+    spec_probs: torch.Tensor | None = None  # [len(spec_tokens), V] the distributions they were drawn from (None: greedy)
 
     @property
     def output_ids(self) -> list[int]:

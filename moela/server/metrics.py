@@ -6,8 +6,8 @@
 
 Latency histograms are observed on the server's event loop as outputs reach it; the engine's
 gauges and counters (running/waiting requests, KV cache usage, preemptions, tokens, prefix-cache
-hits, routed-expert load per layer) are read from the snapshot at scrape time, so a scrape never
-touches the engine itself. The registry is per server, not prometheus_client's global one.
+hits, routed-expert load per layer, speculative decoding's drafts and acceptances) are read from
+the snapshot at scrape time, so a scrape never touches the engine itself. The registry is per server, not prometheus_client's global one.
 """
 
 from collections.abc import Callable, Iterator
@@ -60,9 +60,30 @@ class EngineCollector:
         queries = s["prefix_cache_queries"]
         yield GaugeMetricFamily("moela:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries since start.",
                                 value=s["prefix_cache_hits"] / queries if queries else 0.0)
+        if "spec_decode_num_drafts" in s:
+            yield from spec_decode_metrics(s)
         load = CounterMetricFamily("moela:routed_expert_tokens", "Tokens routed to each expert, per MoE layer.",
                                    labels=["layer", "expert"])
         for layer, counts in s["expert_load"].items():
             for expert, count in enumerate(counts):
                 load.add_metric([str(layer), str(expert)], count)
         yield load
+
+
+def spec_decode_metrics(s: dict) -> Iterator[Metric]:
+    """Speculative decoding: vLLM's counters, and the acceptance rate and mean tokens per verifying step."""
+    for key, doc in (("num_drafts", "Draft runs verified (one per sequence per step)."),
+                     ("num_draft_tokens", "Draft tokens verified."), ("num_accepted_tokens", "Draft tokens accepted.")):
+        yield CounterMetricFamily(f"moela:spec_decode_{key}", doc, value=s[f"spec_decode_{key}"])
+    per_pos = CounterMetricFamily("moela:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position.",
+                                  labels=["position"])
+    for position, count in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
+        per_pos.add_metric([str(position)], count)
+    yield per_pos
+    drafts, tokens, accepted = (s[f"spec_decode_{k}"] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"))
+    yield GaugeMetricFamily("moela:spec_decode_acceptance_rate", "num_accepted_tokens / num_draft_tokens since start.",
+                            value=accepted / tokens if tokens else 0.0)
+    yield GaugeMetricFamily("moela:spec_decode_mean_acceptance_length",
+                            "Tokens a verifying step yields per sequence, 1 + num_accepted_tokens / num_drafts: the "
+                            "speed-up in steps.",
+                            value=1 + accepted / drafts if drafts else 1.0)

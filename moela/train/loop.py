@@ -30,7 +30,7 @@ from moela.loader import load_model, load_mtp, save_model
 from moela.models import StepContext, Transformer
 from moela.models.layers import Gate
 from moela.train.balance import RouterMonitor, max_violation
-from moela.train.mtp import MTP
+from moela.models.mtp import MTP
 from moela.train.optim import build_optimizers, lr_at, set_lr
 
 
