@@ -62,6 +62,17 @@ def test_ensure_fails_without_side_effects():
     assert not bm.ensure(s, 12) and s.block_table == [] and bm.num_free == 2
 
 
+def test_trim_frees_the_blocks_past_a_length():
+    bm = BlockManager(8, 4)
+    s = seq(list(range(6)))
+    run(bm, s)
+    assert bm.ensure(s, 14) and len(s.block_table) == 4  # room for 8 draft tokens
+    bm.trim(s, 9)  # 3 of them kept: blocks for 9 tokens stay
+    assert len(s.block_table) == 3 and bm.num_free == 5
+    bm.free(s)
+    assert bm.num_free == 8
+
+
 def test_no_leak_under_random_traffic():
     rng = random.Random(0)
     bm = BlockManager(32, 4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
+from moela.engine.sampler import SamplingParams, apply_penalties, probabilities, sample, top_logprobs
 
 
 @pytest.mark.parametrize("field, value", [
@@ -49,6 +49,20 @@ def test_sampling_follows_the_distribution():
     g = p.generator()
     counts = torch.bincount(torch.stack([sample(probs.log()[None].clone(), [p], [g])[0] for _ in range(3000)]), minlength=3)
     assert torch.allclose(counts / 3000, probs, atol=0.03)
+
+
+def test_probabilities_are_what_sample_draws_from():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=2, temperature=0.5), SamplingParams(top_p=0.5),
+              SamplingParams(min_p=0.1)]
+    p = probabilities(logits, params)
+    e = logits[0].exp()
+    assert p[0].tolist() == [0, 1, 0, 0] and p[2].tolist() == [0, 1, 0, 0]
+    assert torch.allclose(p[1], torch.tensor([0, e[1] ** 2, 0, e[3] ** 2]) / (e[1] ** 2 + e[3] ** 2))
+    assert torch.allclose(p[3], torch.tensor([0, e[1], e[2], e[3]]) / (e[1] + e[2] + e[3]))  # token 0 is under 0.1 x the top one
+    g = SamplingParams(seed=0).generator()
+    draws = torch.stack([sample(logits[3:].clone(), params[3:], [g])[0] for _ in range(3000)])
+    assert torch.allclose(torch.bincount(draws, minlength=4) / 3000, p[3], atol=0.03)
 
 
 def test_penalties():

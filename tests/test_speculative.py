@@ -71,6 +71,15 @@ def test_greedy_identical_with_prefix_caching_stops_penalties_and_logprobs():
     assert outs[4].num_cached_tokens >= 8
 
 
+def test_greedy_identical_on_the_cpu_backend_in_bf16():
+    base = LLM()
+    if base.engine.backend.name != "cpu":
+        pytest.skip("the cpu backend is not available here")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = LLM(speculative_config=spec(2)).generate(PROMPTS[:3], params)
+    assert token_ids(outs) == token_ids(base.generate(PROMPTS[:3], params))
+
+
 def test_seeded_sampling_is_reproducible_whatever_shares_the_batch():
     llm = LLM(dtype="float32", speculative_config=spec(2))
     params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=11)
