@@ -163,7 +163,7 @@ class Speculator:
     def propose(self, engine, chunks: list[tuple[Sequence, int]], starts: list[int], hidden: torch.Tensor) -> None:
         """Run the MTP over each sequence's newly valid positions (hidden [T, d] of the model there), then
         draft up to k tokens for every sequence that is decoding."""
-        _, ctx = engine.runner.context(chunks, starts)
+        _, ctx = engine.runner.context(chunks, starts=starts)
         nxt = [t for (seq, n), s in zip(chunks, starts) for t in seq.token_ids[s + 1 : s + n + 1]]
         h = self.mtp(engine.model, hidden, torch.tensor(nxt, device=hidden.device), ctx.positions + 1, ctx)
         seqs, last = [], []
@@ -189,7 +189,7 @@ class Speculator:
                     break
                 h = h[[live.index(i) for i in keep]]
                 live = keep
-                _, ctx = engine.runner.context([(seqs[i], 1) for i in live], [seqs[i].num_computed + j - 1 for i in live])
+                _, ctx = engine.runner.context([(seqs[i], 1) for i in live], starts=[seqs[i].num_computed + j - 1 for i in live])
                 prev = torch.tensor([seqs[i].spec_tokens[-1] for i in live], device=h.device)
                 h = self.mtp(engine.model, h, prev, ctx.positions + 1, ctx)
             logits = engine.model.logits(h).float()
