@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import shutil
 import struct
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf, edit_config, rel_err
+from conftest import build_hf, edit_config, quantize_fp8, rel_err
 from moela.errors import CheckpointError
 from moela.loader import dequantize_fp8, load_model
 from moela.models import StepContext
@@ -43,20 +42,6 @@ def test_sharded_checkpoint(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 3
     assert rel_err(logits_of(load_model(tmp_path, dtype=torch.float32)), hf_logits(hf)) < 1e-4
-
-
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise e4m3 quantization the way DeepSeek-V3 checkpoints store weights."""
-    out_dim, in_dim = w.shape
-    bo, bi = block
-    scale = torch.zeros(math.ceil(out_dim / bo), math.ceil(in_dim / bi))
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi]
-            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
-            q[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def test_fp8_block_quantized_checkpoint_with_ragged_edges(tmp_path):

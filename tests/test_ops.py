@@ -7,13 +7,14 @@ reason in the skip message (pytest -rs shows them)."""
 import pytest
 import torch
 
-from conftest import engine_for, rel_err
+from conftest import engine_for, quantize_fp8, rel_err
 from moela import ops, quantize
 from moela.engine.sampler import SamplingParams
 from moela.loader import load_model
 from moela.models import StepContext
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+FP8_TOL = 0.05  # a backend may quantize activations to e4m3 per 1 x block for an FP8 weight's GEMM
 CPU = torch.device("cpu")
 
 
@@ -33,8 +34,14 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
     """Cases as (args, kwargs); weights go in unpacked: the test packs them with each backend."""
     if op == "linear":
         return [((randn(rows, 96, dtype=dtype), randn(80, 96, dtype=dtype, seed=1) / 10), {}) for rows in (1, 7)]
+    if op == "pack_fp8":  # through linear: ragged 32 x 32 blocks, as a checkpoint stores them
+        w, block = randn(80, 96, dtype=torch.float32, seed=1) / 10, (32, 32)
+        return [((randn(rows, 96, dtype=dtype), *quantize_fp8(w, block), block), {}) for rows in (1, 7)]
     if op == "rms_norm":
         return [((randn(5, 3, 64, dtype=dtype), 1 + randn(64, dtype=dtype, seed=1) / 5, 1e-6), {})]
+    if op == "add_rms_norm":  # the first input a strided view, as the model's slices are
+        return [((randn(5, 80, dtype=dtype)[:, :64], randn(5, 64, dtype=dtype, seed=2), 1 + randn(64, dtype=dtype, seed=1) / 5,
+                  1e-6), {})]
     if op == "rope":
         angles = randn(6, 8, dtype=torch.float32, seed=2) * 3
         return [((randn(6, 4, 16, dtype=dtype), angles.cos(), angles.sin(), inter), {}) for inter in (True, False)]
@@ -59,7 +66,7 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
     raise AssertionError(f"no inputs for op {op!r}")
 
 
-TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "moe")
+TESTED = ("linear", "pack_fp8", "rms_norm", "add_rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "moe")
 
 
 def test_every_op_has_inputs():
@@ -70,6 +77,11 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
     """Call the op as the model does: weights packed by the backend first; store_latent's result is its cache."""
     if op == "linear":
         return backend.linear(args[0], backend.pack_linear(args[1]))
+    if op == "pack_fp8":
+        x, w, scale, block = args
+        return backend.linear(x, backend.pack_linear(backend.pack_fp8(w, scale, block, x.dtype)))
+    if op == "add_rms_norm":
+        return torch.stack(backend.add_rms_norm(*args))
     if op == "moe":
         return backend.moe(*args[:3], *backend.pack_experts(args[3], args[4]))
     if op == "store_latent":
@@ -97,7 +109,7 @@ def test_op_matches_reference(name, op, dtype):
     for args, _ in op_inputs(op, dtype):
         ours, ref = run_op(backend, op, args), run_op(ops.REFERENCE, op, args)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
-        assert rel_err(ours, ref) < TOL[dtype], f"{name}.{op}"
+        assert rel_err(ours, ref) < (FP8_TOL if op == "pack_fp8" else TOL[dtype]), f"{name}.{op}"
 
 
 def test_select_auto_and_errors():
@@ -107,7 +119,7 @@ def test_select_auto_and_errors():
     assert ops.select("auto", torch.device("meta"), torch.bfloat16).name == "reference"
     with pytest.raises(ops.BackendUnavailable, match="backend 'cpu' cannot run on meta .* not meta"):
         ops.select("cpu", torch.device("meta"), torch.bfloat16)
-    with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu"):
+    with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu, triton"):
         ops.select("cuda-magic", CPU, torch.float32)
     assert "linear" in ops.load("cpu").implemented() and ops.REFERENCE.implemented() == []
 

@@ -43,7 +43,7 @@ class LLMEngine:
         self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True)
         quantize.prepare(self.model, self.backend)
         layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
