@@ -155,6 +155,28 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     return q, scale
 
 
+def quantize_checkpoint(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rewrite path's checkpoint with every projection and expert weight in e4m3 with block scales (as
+    DeepSeek-V3 stores them; the test dims leave ragged edge blocks); returns its tensors dequantized."""
+    from safetensors.torch import load_file, save_file
+
+    from moela.ops.reference import pack_fp8
+
+    tensors, quantized = load_file(path / "model.safetensors"), {}
+    for name, t in tensors.items():
+        if (name.endswith("proj.weight") or ".experts." in name) and t.dim() == 2:
+            q, s = quantize_fp8(t, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            tensors[name] = pack_fp8(q, s, block, torch.float32)
+        else:
+            quantized[name] = t
+    assert any(t.dtype == torch.float8_e4m3fn and (t.shape[0] % block[0] or t.shape[1] % block[1]) for t in quantized.values())
+    save_file(quantized, path / "model.safetensors", metadata={"format": "pt"})
+    edit_config(path, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": list(block)})
+    return tensors
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 

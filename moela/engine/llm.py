@@ -22,6 +22,7 @@ import torch
 from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
+from moela.engine.graphs import graph_sizes
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
@@ -64,7 +65,12 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+        graphs = cfg.cuda_graphs and not num_slots
+        if cfg.cuda_graphs and not graphs:
+            log.info("CUDA graphs are off: this model keeps per-sequence state that padding rows would need too")
+        self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
+        if graphs:
+            self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}

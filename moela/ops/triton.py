@@ -76,10 +76,12 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
     res = rows if residual is None else _rows(residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = out if residual is None else torch.empty_like(out)
-    block = triton.next_power_of_2(x.shape[-1])
-    if rows.shape[0]:
-        kernels.rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, total, rows.stride(0), res.stride(0), x.shape[-1], eps,
-                                            ADD=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+    n, block = rows.shape[0], triton.next_power_of_2(x.shape[-1])
+    block_rows = max(1, min(16, 2048 // block))  # several short rows per program
+    if n:
+        kernels.rms_norm_kernel[(triton.cdiv(n, block_rows),)](
+            rows, res, weight, out, total, n, rows.stride(0), res.stride(0), x.shape[-1], eps, ADD=residual is not None,
+            BLOCK_ROWS=block_rows, BLOCK=block, num_warps=min(max(block * block_rows // 256, 1), 8))
     return out, total
 
 
@@ -96,13 +98,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     heads = x.reshape(T, -1, r)  # [T, H, r]
     if heads.stride(-1) != 1:
         heads = heads.contiguous()
-    H = heads.shape[1]
+    n = T * heads.shape[1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_h = min(triton.next_power_of_2(H), 16)
-    if T:
-        kernels.rope_kernel[(T, triton.cdiv(H, block_h))](heads, cos, sin, out, H, r // 2, heads.stride(0), heads.stride(1),
-                                                   cos.stride(0), INTERLEAVE=interleave, BLOCK_H=block_h,
-                                                   BLOCK_R=triton.next_power_of_2(r // 2))
+    if n:
+        kernels.rope_kernel[(triton.cdiv(n, 64),)](heads, cos, sin, out, n, heads.shape[1], r // 2, heads.stride(0),
+                                                  heads.stride(1), cos.stride(0), INTERLEAVE=interleave, BLOCK_ROWS=64,
+                                                  BLOCK_R=triton.next_power_of_2(r // 2))
     return out
 
 
@@ -192,7 +193,7 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(M, triton.cdiv(K, group), dtype=torch.float32, device=x.device)
     if M:
-        kernels.quantize_kernel[(M, scale.shape[1])](x, q, scale, K, x.stride(0), GROUP=group)
+        kernels.quantize_kernel[(triton.cdiv(M, 16), scale.shape[1])](x, q, scale, M, K, x.stride(0), BLOCK_ROWS=16, GROUP=group)
     return q, scale
 
 
@@ -255,15 +256,16 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13
     block_m = 16 if n <= 16 * E else 64  # rows per expert block: decode steps have few per expert
     pairs, block_expert = sort_by_expert(indices, E, block_m)
     a, a_scale = quantize_activations(x, bk13) if fp8_13 and fp8_dots else (x, x)
-    h = torch.empty(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I], in expert order
+    quantize_h = fp8_2 and fp8_dots
+    h = (torch.zeros if quantize_h else torch.empty)(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I]: padding rows stay unwritten
     kernels.moe_gate_up_kernel[(block_expert.numel(), triton.cdiv(I, 64))](
         a, a_scale, w13_t, s13, pairs, block_expert, h, D, I, topk, n, a.stride(0), w13_t.stride(0), w13_t.stride(1),
         se13, sn13, FP8_W=fp8_13, FP8_A=fp8_13 and fp8_dots, SCALE_N=scale_n13, BLOCK_M=block_m, BLOCK_N=64,
         BLOCK_K=bk13, num_warps=4)
-    h_q, h_scale = quantize_activations(h, bk2) if fp8_2 and fp8_dots else (h, h)
+    h_q, h_scale = quantize_activations(h, bk2) if quantize_h else (h, h)
     y = torch.empty(n, D, dtype=x.dtype, device=x.device)  # [T*k, D] weighted expert outputs, token-major
     kernels.moe_down_kernel[(block_expert.numel(), triton.cdiv(D, 64))](
         h_q, h_scale, w2_t, s2, pairs, block_expert, weights.float().contiguous(), y, D, I, n, w2_t.stride(0),
-        w2_t.stride(1), se2, sn2, FP8_W=fp8_2, FP8_A=fp8_2 and fp8_dots, SCALE_N=scale_n2, BLOCK_M=block_m,
+        w2_t.stride(1), se2, sn2, FP8_W=fp8_2, FP8_A=quantize_h, SCALE_N=scale_n2, BLOCK_M=block_m,
         BLOCK_N=64, BLOCK_K=bk2, num_warps=4)
     return y.view(T, topk, D).sum(dim=1)

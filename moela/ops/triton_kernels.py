@@ -53,40 +53,41 @@ def _scaled_dot(acc, a, w, a_scale, w_scale, FP8_A: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_kernel(x, res, weight, out, total, stride_x, stride_r, D, eps,
-                    ADD: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: out = weight * rms_norm(x [+ res]), the sum (rounded to out's dtype) stored in total."""
-    row = tl.program_id(0).to(tl.int64)
+def rms_norm_kernel(x, res, weight, out, total, n_rows, stride_x, stride_r, D, eps,
+                    ADD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK_ROWS rows: out = weight * rms_norm(x [+ res]), the sum (rounded to out's dtype) stored in total."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    h = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    h = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if ADD:
-        h = (h + tl.load(res + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(out.dtype.element_ty)
-        tl.store(total + row * D + cols, h, mask=mask)
+        h = h + tl.load(res + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = h.to(out.dtype.element_ty)
+        tl.store(total + rows[:, None] * D + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    normed = (h / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)).to(out.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + row * D + cols, (w * normed).to(out.dtype.element_ty), mask=mask)
+    normed = (h / tl.sqrt(tl.sum(h * h, axis=1) / D + eps)[:, None]).to(out.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(out + rows[:, None] * D + cols[None, :], (w[None, :] * normed).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def rope_kernel(x, cos, sin, out, H, HALF, stride_t, stride_h, stride_c,
-                INTERLEAVE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One token, BLOCK_H heads: rotate pairs (2i, 2i+1) or (i, i + HALF) by cos/sin [T, HALF] (fp32)."""
-    t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def rope_kernel(x, cos, sin, out, n_rows, H, HALF, stride_t, stride_h, stride_c,
+                INTERLEAVE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """BLOCK_ROWS (token, head) rows: rotate pairs (2i, 2i+1) or (i, i + HALF) by cos/sin [T, HALF] (fp32)."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    t, h = rows // H, rows % H
     i = tl.arange(0, BLOCK_R)
-    mask = (heads[:, None] < H) & (i[None, :] < HALF)
+    mask = (rows[:, None] < n_rows) & (i[None, :] < HALF)
     if INTERLEAVE:
         first, second = 2 * i, 2 * i + 1
     else:
         first, second = i, i + HALF
-    src = x + t * stride_t + heads[:, None] * stride_h
+    src = x + (t * stride_t + h * stride_h)[:, None]
     x1 = tl.load(src + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + second[None, :], mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(cos + t * stride_c + i, mask=i < HALF, other=0.0)[None, :]
-    s = tl.load(sin + t * stride_c + i, mask=i < HALF, other=0.0)[None, :]
-    dst = out + t * H * 2 * HALF + heads[:, None] * 2 * HALF
+    c = tl.load(cos + t[:, None] * stride_c + i[None, :], mask=mask, other=0.0)
+    s = tl.load(sin + t[:, None] * stride_c + i[None, :], mask=mask, other=0.0)
+    dst = out + rows[:, None] * 2 * HALF
     tl.store(dst + first[None, :], (x1 * c - x2 * s).to(out.dtype.element_ty), mask=mask)
     tl.store(dst + second[None, :], (x2 * c + x1 * s).to(out.dtype.element_ty), mask=mask)
 
@@ -191,15 +192,16 @@ def causal_attention_kernel(q, k, v, out, S, DK, DV, scale, sq_h, sq_s, sk_h, sk
 
 
 @triton.jit
-def quantize_kernel(x, q, scale, K, stride_x, GROUP: tl.constexpr):
-    """One row's group of GROUP values -> e4m3 with one fp32 scale (amax / 448): DeepSeek's 1x128 activations."""
-    row = tl.program_id(0).to(tl.int64)
+def quantize_kernel(x, q, scale, M, K, stride_x, BLOCK_ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """BLOCK_ROWS rows' groups of GROUP values -> e4m3, one fp32 scale (amax / 448) each: DeepSeek's 1x128 activations."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     g = tl.program_id(1)
     k = g * GROUP + tl.arange(0, GROUP)
-    v = tl.load(x + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / FP8_MAX
-    tl.store(q + row * K + k, _to_fp8(v / s), mask=k < K)
-    tl.store(scale + row * tl.cdiv(K, GROUP) + g, s)
+    mask = (rows[:, None] < M) & (k[None, :] < K)
+    v = tl.load(x + rows[:, None] * stride_x + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12) / FP8_MAX
+    tl.store(q + rows[:, None] * K + k[None, :], _to_fp8(v / s[:, None]), mask=mask)
+    tl.store(scale + rows * tl.cdiv(K, GROUP) + g, s, mask=rows < M)
 
 
 @triton.jit
