@@ -58,6 +58,8 @@ def drive(runners: list[Runner], prompts: list[list[int]], steps: int) -> None:
             seq.token_ids.append(token)
 
 
+@pytest.mark.skipif(ops.why_unavailable("triton", CPU, torch.float32) is not None,
+                    reason=f"triton on the CPU: {ops.why_unavailable('triton', CPU, torch.float32)}")
 def test_triton_decode_steps_replay_and_match_eager(hf_checkpoint):
     path, _ = hf_checkpoint("v3")
     eager, graphed = runner_for(path, "triton", None), runner_for(path, "triton", [4])

@@ -1,8 +1,11 @@
-"""Every op of every backend against the plain PyTorch reference on random inputs (bf16 and fp32),
-then whole models: the CPU backend's packed weights against the reference, and engine greedy tokens.
+"""Every op of every backend against the plain PyTorch reference on random inputs (bf16 and fp32; on
+the CPU and, where there is one, a CUDA GPU), then whole models: the CPU backend's packed weights
+against the reference, and engine greedy tokens.
 
 A backend whose library is absent, or that cannot run on this machine or dtype, is skipped with the
 reason in the skip message (pytest -rs shows them)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from moela.loader import load_model
 from moela.models import StepContext
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 FP8_TOL = 0.05  # a backend may quantize activations to e4m3 per 1 x block for an FP8 weight's GEMM
 CPU = torch.device("cpu")
 
@@ -95,18 +99,31 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
     return getattr(backend, op)(*args)
 
 
+def on(device: torch.device, args: tuple) -> tuple:
+    """The inputs on device, a StepContext's tensors included."""
+    def move(a):
+        if isinstance(a, StepContext):
+            tables = None if a.block_tables is None else a.block_tables.to(device)
+            return dataclasses.replace(a, positions=a.positions.to(device), block_tables=tables)
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
+    return tuple(move(a) for a in args)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", TESTED)
 @pytest.mark.parametrize("name", ops.BACKENDS)
-def test_op_matches_reference(name, op, dtype):
+def test_op_matches_reference(name, op, dtype, device):
     try:
         backend = ops.load(name)
     except ImportError as e:
         pytest.skip(f"backend {name!r}: its library is not installed ({e})")
-    reason = ops.why_unavailable(name, CPU, dtype)
+    reason = ops.why_unavailable(name, device, dtype)
     if reason:
-        pytest.skip(f"backend {name!r} cannot run on the CPU with {dtype}: {reason}")
+        pytest.skip(f"backend {name!r} cannot run on {device} with {dtype}: {reason}")
     for args, _ in op_inputs(op, dtype):
+        args = on(device, args)
         ours, ref = run_op(backend, op, args), run_op(ops.REFERENCE, op, args)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
         assert rel_err(ours, ref) < (FP8_TOL if op == "pack_fp8" else TOL[dtype]), f"{name}.{op}"
@@ -122,6 +139,9 @@ def test_select_auto_and_errors():
     with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu, triton"):
         ops.select("cuda-magic", CPU, torch.float32)
     assert "linear" in ops.load("cpu").implemented() and ops.REFERENCE.implemented() == []
+    if torch.cuda.is_available():
+        triton_here = ops.why_unavailable("triton", torch.device("cuda"), torch.bfloat16) is None
+        assert ops.select("auto", torch.device("cuda"), torch.bfloat16).name == ("triton" if triton_here else "reference")
 
 
 cpu_only = pytest.mark.skipif(ops.why_unavailable("cpu", CPU, torch.bfloat16) is not None,

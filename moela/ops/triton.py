@@ -151,16 +151,17 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.
     if key not in ctx.plans:
         ctx.plans[key] = _token_plan(ctx, q.device)
     tokens = ctx.plans[key]
-    head_blocks = triton.cdiv(q.shape[1], 16)
-    splits = max(1, min(MAX_SPLITS, 2 * _num_sms(q.device) // max(tokens.shape[0] * head_blocks, 1)))
+    programs = max(tokens.shape[0] * triton.cdiv(q.shape[1], 16), 1)
+    splits = max(1, min(MAX_SPLITS, 2 * _num_sms(q.device) // programs))
     return paged_latent_attention(q, cache, latent, ctx.block_tables, tokens, scale, value_dim, splits)
 
 
 def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.Tensor, block_tables: torch.Tensor | None,
                            tokens: torch.Tensor, scale: float, value_dim: int, splits: int) -> torch.Tensor:
-    """latent_attention for the tokens of a token plan, keys cut into `splits` slices -> [T, h, value_dim]."""
+    """latent_attention for the tokens of a token plan, keys cut into `splits` slices (a power of two: each
+    count compiles its own merge kernel) -> [T, h, value_dim]."""
     T, H, W = q.shape
-    C, n = value_dim, tokens.shape[0]
+    C, n, splits = value_dim, tokens.shape[0], 1 << (splits.bit_length() - 1)
     out = (torch.empty if n == T else torch.zeros)(T, H, C, dtype=q.dtype, device=q.device)
     if n == 0:
         return out
@@ -171,11 +172,11 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: 
     kernels.latent_attention_kernel[(n, triton.cdiv(H, block_m), splits)](
         q, keys, tokens if cache is None else block_tables, tokens, out, part_o, part_lse,
         q.stride(0), q.stride(1), 0 if cache is None else block_tables.stride(0), keys.stride(0), H, C, W - C,
-        scale, 1 if cache is None else cache.shape[1], SPLITS=splits, PAGED=cache is not None, BLOCK_M=block_m,
+        scale, 1 if cache is None else cache.shape[1], splits, PAGED=cache is not None, BLOCK_M=block_m,
         BLOCK_N=32, BLOCK_C=max(triton.next_power_of_2(C), 16), BLOCK_R=max(triton.next_power_of_2(W - C), 16), num_warps=4)
     if splits > 1:
         kernels.merge_splits_kernel[(n * H,)](part_o, part_lse, tokens, out, H, C, SPLITS=splits,
-                                        BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=triton.next_power_of_2(C))
+                                              BLOCK_C=triton.next_power_of_2(C))
     return out
 
 

@@ -94,10 +94,10 @@ def rope_kernel(x, cos, sin, out, n_rows, H, HALF, stride_t, stride_h, stride_c,
 
 @triton.jit
 def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
-                            stride_qt, stride_qh, stride_tb, stride_k, H, C, R, scale, block_size,
-                            SPLITS: tl.constexpr, PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
+                            stride_qt, stride_qh, stride_tb, stride_k, H, C, R, scale, block_size, splits,
+                            PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One absorbed query token, BLOCK_M of its heads, one of SPLITS slices of the keys it may see.
+    """One absorbed query token, BLOCK_M of its heads, one of `splits` slices of the keys it may see.
 
     tokens [T_abs, 4] int32: (token row, block-table row, keys it sees, first row of its sequence). Keys are
     [c_KV | k_pe] rows of the paged cache (PAGED) or of the step's own latents; values are their first C
@@ -113,7 +113,7 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
     q_row = q + t * stride_qt + heads[:, None] * stride_qh
     qc = tl.load(q_row + c[None, :], mask=(heads[:, None] < H) & (c[None, :] < C), other=0.0)
     qr = tl.load(q_row + C + r[None, :], mask=(heads[:, None] < H) & (r[None, :] < R), other=0.0)
-    per_split = tl.cdiv(tl.cdiv(limit, SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(limit, splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(limit, lo + per_split)
     first = tl.load(tokens + 4 * a + 3).to(tl.int64)
@@ -140,25 +140,24 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
         acc = _dot(p.to(kc.dtype), kc, acc * alpha[:, None])
         m = m_new
     mask = (heads[:, None] < H) & (c[None, :] < C)
-    if SPLITS == 1:
+    if splits == 1:
         tl.store(out + (t * H + heads)[:, None] * C + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty), mask=mask)
     else:
-        part = (a * H + heads).to(tl.int64) * SPLITS + split
+        part = (a * H + heads).to(tl.int64) * splits + split
         l_safe = tl.where(l == 0.0, 1.0, l)  # an empty slice: weight 0 in the merge
         tl.store(part_o + part[:, None] * C + c[None, :], acc / l_safe[:, None], mask=mask)
         tl.store(part_lse + part, tl.where(l == 0.0, float("-inf"), m + tl.log(l_safe)), mask=heads < H)
 
 
 @triton.jit
-def merge_splits_kernel(part_o, part_lse, tokens, out, H, C,
-                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def merge_splits_kernel(part_o, part_lse, tokens, out, H, C, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
     """One (absorbed token, head): the softmax-weighted sum of its slices' partial outputs."""
     row = tl.program_id(0).to(tl.int64)  # absorbed token * H + head
     t = tl.load(tokens + 4 * (row // H)).to(tl.int64)
-    s, c = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
-    lse = tl.load(part_lse + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    s, c = tl.arange(0, SPLITS), tl.arange(0, BLOCK_C)
+    lse = tl.load(part_lse + row * SPLITS + s)
     w = tl.exp(lse - tl.max(lse, axis=0))  # the slice holding the token's own position is never empty
-    o = tl.load(part_o + (row * SPLITS + s)[:, None] * C + c[None, :], mask=(s[:, None] < SPLITS) & (c[None, :] < C), other=0.0)
+    o = tl.load(part_o + (row * SPLITS + s)[:, None] * C + c[None, :], mask=c[None, :] < C, other=0.0)
     merged = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out + (t * H + row % H) * C + c, merged.to(out.dtype.element_ty), mask=c < C)
 
