@@ -15,8 +15,9 @@ forces it, also on an Ascend "npu" with triton-ascend, where it has never been r
 | pack_fp8, linear | FP8 e4m3 weights with block scales kept as they are; linear quantizes activations per 1 x block and runs an FP8 GEMM |
 
 Projections with bf16/fp16/fp32 weights stay torch's (cuBLAS, hipBLASLt): Triton would not beat them.
-Where the GPU has no FP8 tensor cores (before Ada/Hopper, and AMD here), FP8 weights are converted to the
-activations' dtype inside the GEMM instead (weight-only FP8: half the bytes of bf16 read, the same math).
+On AMD MI300/MI350 FP8 weights are converted to the activations' dtype inside the GEMM (weight-only FP8:
+half the bytes of bf16 read, the same math); before Ada/Hopper (and other AMD GPUs), where Triton has no
+e4m3, pack_fp8 dequantizes them to the model's dtype at start-up.
 Every index plan is built on the host before the forward (`plan`), and the number of key slices depends
 on the step's shape only, so a decode step can be captured in a CUDA graph (moela/engine/graphs.py).
 
@@ -58,9 +59,10 @@ class Fp8Weight:
 
 
 def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
-    """Kept as FP8 when the GEMMs can step through K one scale block at a time (a power of two >= 16)."""
+    """Kept as FP8 where Triton reads e4m3 on this device and the GEMMs can step through K within one scale
+    block at a time (a power of two >= 16); dequantized otherwise."""
     bi = block[1]
-    if bi < 16 or bi & (bi - 1):
+    if not _fp8_weights(weight.device) or bi < 16 or bi & (bi - 1):
         return reference.pack_fp8(weight, scale_inv, block, dtype)
     return Fp8Weight(weight.contiguous(), scale_inv.float().contiguous(), tuple(block))
 
@@ -113,11 +115,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     dv = v.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(h, S, dv, dtype=v.dtype, device=v.device)
-    block_m = 64
+    block_m, block_dk = 64, max(triton.next_power_of_2(dk), 16)
     kernels.causal_attention_kernel[(triton.cdiv(S, block_m), h)](
         q, k, v, out, S, dk, dv, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_DK=max(triton.next_power_of_2(dk), 16),
-        BLOCK_DV=max(triton.next_power_of_2(dv), 16), num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_DK=block_dk, BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+        num_warps=8 if block_dk >= 128 else 4)
     return out
 
 
@@ -168,16 +170,28 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: 
     keys = latent if cache is None else cache.view(-1, W)  # [rows, c + r]
     part_o = torch.empty(n * H * splits if splits > 1 else 0, C, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(part_o.shape[0], dtype=torch.float32, device=q.device)
-    block_m = 16
+    block_m, block_c = 16, max(triton.next_power_of_2(C), 16)
     kernels.latent_attention_kernel[(n, triton.cdiv(H, block_m), splits)](
         q, keys, tokens if cache is None else block_tables, tokens, out, part_o, part_lse,
         q.stride(0), q.stride(1), 0 if cache is None else block_tables.stride(0), keys.stride(0), H, C, W - C,
         scale, 1 if cache is None else cache.shape[1], splits, PAGED=cache is not None, BLOCK_M=block_m,
-        BLOCK_N=32, BLOCK_C=max(triton.next_power_of_2(C), 16), BLOCK_R=max(triton.next_power_of_2(W - C), 16), num_warps=4)
+        BLOCK_N=32, BLOCK_C=block_c, BLOCK_R=max(triton.next_power_of_2(W - C), 16), num_warps=8 if block_c >= 256 else 4)
     if splits > 1:
         kernels.merge_splits_kernel[(n * H,)](part_o, part_lse, tokens, out, H, C, SPLITS=splits,
                                               BLOCK_C=triton.next_power_of_2(C))
     return out
+
+
+@functools.cache
+def _fp8_weights(device: torch.device) -> bool:
+    """Whether Triton converts e4m3 here: NVIDIA sm_89+, AMD MI300/MI350 (gfx94x, gfx95x), the interpreter."""
+    if device.type == "cpu":
+        return INTERPRET
+    if device.type != "cuda":
+        return False
+    if torch.version.hip is not None:
+        return torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx94", "gfx95"))
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @functools.cache
@@ -213,7 +227,8 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight, fp8_dots: bool) -> torch.Tens
     block_m, block_n = (16 if M <= 16 else 64), 64
     kernels.fp8_linear_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         a, a_scale, weight.weight, weight.scale_inv, out, M, N, K, a.stride(0), weight.weight.stride(0),
-        weight.scale_inv.stride(0), SCALE_N=bo, FP8_A=fp8_dots, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bi, num_warps=4)
+        weight.scale_inv.stride(0), SCALE_N=bo, SCALE_K=bi, FP8_A=fp8_dots, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=min(64, bi), num_warps=4)
     return out.view(*x.shape[:-1], N)
 
 
@@ -236,11 +251,14 @@ def sort_by_expert(indices: torch.Tensor, num_experts: int, block_m: int) -> tup
     return pairs, torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
 
 
-def _expert_args(w) -> tuple:
-    """(weight, scales, scale strides (expert, row), FP8_W, SCALE_N, BLOCK_K) for a stacked [E, N, K] weight."""
+def _expert_args(w) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], dict]:
+    """(weight, scales, the scales' expert and row strides, the kernels' constexprs) for stacked experts
+    [E, N, K], plain or FP8: K steps of at most 64 that never straddle a scale block."""
     if isinstance(w, Fp8Weight):
-        return w.weight, w.scale_inv, w.scale_inv.stride(0), w.scale_inv.stride(1), True, w.block[0], w.block[1]
-    return w, w, 0, 0, False, 1, min(64, max(16, triton.next_power_of_2(w.shape[-1])))
+        (bo, bi), s = w.block, w.scale_inv
+        return w.weight, s, (s.stride(0), s.stride(1)), dict(FP8_W=True, SCALE_N=bo, SCALE_K=bi, BLOCK_K=min(64, bi))
+    block_k = min(64, max(16, triton.next_power_of_2(w.shape[-1])))
+    return w, w, (0, 0), dict(FP8_W=False, SCALE_N=1, SCALE_K=block_k, BLOCK_K=block_k)
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2) -> torch.Tensor:
@@ -250,23 +268,21 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2) 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, fp8_dots: bool) -> torch.Tensor:
     """moe with FP8 expert weights multiplied in fp8 (activations quantized per 1 x block) when fp8_dots."""
     (T, D), topk = x.shape, indices.shape[1]
-    w13_t, s13, se13, sn13, fp8_13, scale_n13, bk13 = _expert_args(w13)
-    w2_t, s2, se2, sn2, fp8_2, scale_n2, bk2 = _expert_args(w2)
+    w13_t, s13, strides13, const13 = _expert_args(w13)
+    w2_t, s2, strides2, const2 = _expert_args(w2)
     E, I = w13_t.shape[0], w13_t.shape[1] // 2
     n = T * topk
     block_m = 16 if n <= 16 * E else 64  # rows per expert block: decode steps have few per expert
     pairs, block_expert = sort_by_expert(indices, E, block_m)
-    a, a_scale = quantize_activations(x, bk13) if fp8_13 and fp8_dots else (x, x)
-    quantize_h = fp8_2 and fp8_dots
+    quantize_x, quantize_h = const13["FP8_W"] and fp8_dots, const2["FP8_W"] and fp8_dots
+    a, a_scale = quantize_activations(x, const13["SCALE_K"]) if quantize_x else (x, x)
     h = (torch.zeros if quantize_h else torch.empty)(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I]: padding rows stay unwritten
     kernels.moe_gate_up_kernel[(block_expert.numel(), triton.cdiv(I, 64))](
         a, a_scale, w13_t, s13, pairs, block_expert, h, D, I, topk, n, a.stride(0), w13_t.stride(0), w13_t.stride(1),
-        se13, sn13, FP8_W=fp8_13, FP8_A=fp8_13 and fp8_dots, SCALE_N=scale_n13, BLOCK_M=block_m, BLOCK_N=64,
-        BLOCK_K=bk13, num_warps=4)
-    h_q, h_scale = quantize_activations(h, bk2) if quantize_h else (h, h)
+        *strides13, FP8_A=quantize_x, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, **const13)
+    h_q, h_scale = quantize_activations(h, const2["SCALE_K"]) if quantize_h else (h, h)
     y = torch.empty(n, D, dtype=x.dtype, device=x.device)  # [T*k, D] weighted expert outputs, token-major
     kernels.moe_down_kernel[(block_expert.numel(), triton.cdiv(D, 64))](
         h_q, h_scale, w2_t, s2, pairs, block_expert, weights.float().contiguous(), y, D, I, n, w2_t.stride(0),
-        w2_t.stride(1), se2, sn2, FP8_W=fp8_2, FP8_A=quantize_h, SCALE_N=scale_n2, BLOCK_M=block_m,
-        BLOCK_N=64, BLOCK_K=bk2, num_warps=4)
+        w2_t.stride(1), *strides2, FP8_A=quantize_h, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, **const2)
     return y.view(T, topk, D).sum(dim=1)

@@ -151,14 +151,17 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
 
 @triton.jit
 def merge_splits_kernel(part_o, part_lse, tokens, out, H, C, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One (absorbed token, head): the softmax-weighted sum of its slices' partial outputs."""
+    """One (absorbed token, head): the softmax-weighted sum of its slices' partial outputs, one slice at a time."""
     row = tl.program_id(0).to(tl.int64)  # absorbed token * H + head
     t = tl.load(tokens + 4 * (row // H)).to(tl.int64)
-    s, c = tl.arange(0, SPLITS), tl.arange(0, BLOCK_C)
-    lse = tl.load(part_lse + row * SPLITS + s)
-    w = tl.exp(lse - tl.max(lse, axis=0))  # the slice holding the token's own position is never empty
-    o = tl.load(part_o + (row * SPLITS + s)[:, None] * C + c[None, :], mask=c[None, :] < C, other=0.0)
-    merged = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    c = tl.arange(0, BLOCK_C)
+    lse = tl.load(part_lse + row * SPLITS + tl.arange(0, SPLITS))
+    top = tl.max(lse, axis=0)  # finite: the slice holding the token's own position is never empty
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(SPLITS):
+        w = tl.exp(tl.load(part_lse + row * SPLITS + s) - top)
+        acc += w * tl.load(part_o + (row * SPLITS + s) * C + c, mask=c < C, other=0.0)
+    merged = acc / tl.sum(tl.exp(lse - top), axis=0)
     tl.store(out + (t * H + row % H) * C + c, merged.to(out.dtype.element_ty), mask=c < C)
 
 
@@ -205,21 +208,23 @@ def quantize_kernel(x, q, scale, M, K, stride_x, BLOCK_ROWS: tl.constexpr, GROUP
 
 @triton.jit
 def fp8_linear_kernel(a, a_scale, w, w_scale, out, M, N, K, stride_a, stride_w, stride_ws,
-                      SCALE_N: tl.constexpr, FP8_A: tl.constexpr,
+                      SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, FP8_A: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out [M, N] = a [M, K] @ w [N, K]^T for an e4m3 w with one scale per SCALE_N x BLOCK_K block."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
+    """out [M, N] = a [M, K] @ w [N, K]^T for an e4m3 w with one scale per SCALE_N x SCALE_K block (BLOCK_K
+    divides SCALE_K, so each K step lies in one block); with FP8_A, a is e4m3 with one scale per 1 x SCALE_K."""
+    m, n, kk = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    rows, cols = tl.program_id(0) * BLOCK_M + m, tl.program_id(1) * BLOCK_N + n
+    a_tile = a + (tl.program_id(0) * BLOCK_M).to(tl.int64) * stride_a + m[:, None] * stride_a  # 64-bit base, 32-bit offsets
+    w_tile = w + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_w + n[None, :] * stride_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
-        at = tl.load(a + rows[:, None].to(tl.int64) * stride_a + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-        wt = tl.load(w + cols[None, :].to(tl.int64) * stride_w + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        w_s = tl.load(w_scale + (cols // SCALE_N) * stride_ws + k0 // BLOCK_K, mask=cols < N, other=0.0)
+        at = tl.load(a_tile + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+        wt = tl.load(w_tile + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+        w_s = tl.load(w_scale + (cols // SCALE_N) * stride_ws + k0 // SCALE_K, mask=cols < N, other=0.0)
         a_s = w_s  # unused unless FP8_A
         if FP8_A:
-            a_s = tl.load(a_scale + rows * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K, mask=rows < M, other=0.0)
+            a_s = tl.load(a_scale + rows * tl.cdiv(K, SCALE_K) + k0 // SCALE_K, mask=rows < M, other=0.0)
         acc = _scaled_dot(acc, at, wt, a_s, w_s, FP8_A)
     tl.store(out + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -227,7 +232,7 @@ def fp8_linear_kernel(a, a_scale, w, w_scale, out, M, N, K, stride_a, stride_w, 
 @triton.jit
 def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOPK, num_pairs,
                        stride_x, stride_we, stride_wn, stride_se, stride_sn,
-                       FP8_W: tl.constexpr, FP8_A: tl.constexpr, SCALE_N: tl.constexpr,
+                       FP8_W: tl.constexpr, FP8_A: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of (token, expert) pairs of one expert, BLOCK_N of its I intermediate columns:
     h[row] = silu(x[token] @ gate^T) * (x[token] @ up^T), gate and up the halves of w [E, 2I, D]."""
@@ -240,7 +245,7 @@ def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOP
     token = (pair // TOPK).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    gate_rows = w + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    gate_rows = w + e * stride_we + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_wn + tl.arange(0, BLOCK_N)[None, :] * stride_wn
     up_rows = gate_rows + I * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -251,12 +256,12 @@ def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOP
         wg = tl.load(gate_rows + k[:, None], mask=w_mask, other=0.0)
         wu = tl.load(up_rows + k[:, None], mask=w_mask, other=0.0)
         if FP8_W:
-            scales = w_scale + e * stride_se + k0 // BLOCK_K
+            scales = w_scale + e * stride_se + k0 // SCALE_K
             s_g = tl.load(scales + (n // SCALE_N) * stride_sn, mask=n < I, other=0.0)
             s_u = tl.load(scales + ((n + I) // SCALE_N) * stride_sn, mask=n < I, other=0.0)
             a_s = s_g  # unused unless FP8_A
             if FP8_A:
-                a_s = tl.load(x_scale + token * tl.cdiv(D, BLOCK_K) + k0 // BLOCK_K, mask=ok, other=0.0)
+                a_s = tl.load(x_scale + token * tl.cdiv(D, SCALE_K) + k0 // SCALE_K, mask=ok, other=0.0)
             acc_g = _scaled_dot(acc_g, at, wg, a_s, s_g, FP8_A)
             acc_u = _scaled_dot(acc_u, at, wu, a_s, s_u, FP8_A)
         else:
@@ -269,7 +274,7 @@ def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOP
 @triton.jit
 def moe_down_kernel(h, h_scale, w, w_scale, pairs, block_expert, weights, y, D, I, num_pairs,
                     stride_we, stride_wn, stride_se, stride_sn,
-                    FP8_W: tl.constexpr, FP8_A: tl.constexpr, SCALE_N: tl.constexpr,
+                    FP8_W: tl.constexpr, FP8_A: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of pairs of one expert, BLOCK_N of the D output columns:
     y[pair] = routing weight of the pair * (h[row] @ down^T), down = w [E, D, I]."""
@@ -281,17 +286,17 @@ def moe_down_kernel(h, h_scale, w, w_scale, pairs, block_expert, weights, y, D, 
     ok = pair < num_pairs
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    down_rows = w + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    down_rows = w + e * stride_we + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_wn + tl.arange(0, BLOCK_N)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + kk
         at = tl.load(h + rows[:, None].to(tl.int64) * I + k[None, :], mask=ok[:, None] & (k[None, :] < I), other=0.0)
         wt = tl.load(down_rows + k[:, None], mask=(k[:, None] < I) & (n[None, :] < D), other=0.0)
         if FP8_W:
-            s_w = tl.load(w_scale + e * stride_se + (n // SCALE_N) * stride_sn + k0 // BLOCK_K, mask=n < D, other=0.0)
+            s_w = tl.load(w_scale + e * stride_se + (n // SCALE_N) * stride_sn + k0 // SCALE_K, mask=n < D, other=0.0)
             a_s = s_w  # unused unless FP8_A
             if FP8_A:
-                a_s = tl.load(h_scale + rows * tl.cdiv(I, BLOCK_K) + k0 // BLOCK_K, mask=ok, other=0.0)
+                a_s = tl.load(h_scale + rows * tl.cdiv(I, SCALE_K) + k0 // SCALE_K, mask=ok, other=0.0)
             acc = _scaled_dot(acc, at, wt, a_s, s_w, FP8_A)
         else:
             acc = _dot(at, wt, acc)
