@@ -44,10 +44,10 @@ def kernels(m: dict) -> dict[str, tuple]:
     return {
         "rms_norm (hidden, residual add)": (k.rms_norm_kernel, dict(
             x=bf, res=bf, weight=bf, out=bf, total=bf, n_rows=i32, stride_x=i32, stride_r=i32, D=i32, eps=f32,
-            ADD=True, BLOCK_ROWS=rows(m["D"]), BLOCK=p2(m["D"])), min(max(p2(m["D"]) * rows(m["D"]) // 256, 1), 8)),
+            ADD=True, WEIGHT=True, BLOCK_ROWS=rows(m["D"]), BLOCK=p2(m["D"])), min(max(p2(m["D"]) * rows(m["D"]) // 256, 1), 8)),
         "rms_norm (kv_lora_rank)": (k.rms_norm_kernel, dict(
             x=bf, res=bf, weight=bf, out=bf, total=bf, n_rows=i32, stride_x=i32, stride_r=i32, D=i32, eps=f32,
-            ADD=False, BLOCK_ROWS=rows(m["C"]), BLOCK=p2(m["C"])), min(max(p2(m["C"]) * rows(m["C"]) // 256, 1), 8)),
+            ADD=False, WEIGHT=True, BLOCK_ROWS=rows(m["C"]), BLOCK=p2(m["C"])), min(max(p2(m["C"]) * rows(m["C"]) // 256, 1), 8)),
         "rope": (k.rope_kernel, dict(x=bf, cos="*fp32", sin="*fp32", out=bf, n_rows=i32, H=i32, HALF=i32, stride_t=i32,
                                      stride_h=i32, stride_c=i32, INTERLEAVE=True, BLOCK_ROWS=64, BLOCK_R=p2(m["R"] // 2)), 4),
         "latent_attention": (k.latent_attention_kernel, dict(
@@ -69,15 +69,15 @@ def kernels(m: dict) -> dict[str, tuple]:
             stride_w=i32, stride_ws=i32, SCALE_N=128, SCALE_K=128, FP8_A=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), 4),
         "moe_gate_up": (k.moe_gate_up_kernel, dict(
             x=bf, x_scale=bf, w=bf, w_scale=bf, pairs="*i32", block_expert="*i32", h=bf, D=i32, I=i32, TOPK=i32,
-            num_pairs=i32, stride_x=i32, stride_we=i32, stride_wn=i32, stride_se=i32, stride_sn=i32, FP8_W=False,
-            BLOCK_K=64, **moe), 4),
+            num_pairs=i32, limit=f32, stride_x=i32, stride_we=i32, stride_wn=i32, stride_se=i32, stride_sn=i32, FP8_W=False,
+            CLAMP=False, BLOCK_K=64, **moe), 4),
         "moe_down": (k.moe_down_kernel, dict(
             h=bf, h_scale=bf, w=bf, w_scale=bf, pairs="*i32", block_expert="*i32", weights="*fp32", y=bf, D=i32, I=i32,
             num_pairs=i32, stride_we=i32, stride_wn=i32, stride_se=i32, stride_sn=i32, FP8_W=False, BLOCK_K=64, **moe), 4),
         "moe_gate_up (FP8)": (k.moe_gate_up_kernel, dict(
             x="*fp8e4nv", x_scale="*fp32", w="*fp8e4nv", w_scale="*fp32", pairs="*i32", block_expert="*i32", h=bf, D=i32,
-            I=i32, TOPK=i32, num_pairs=i32, stride_x=i32, stride_we=i32, stride_wn=i32, stride_se=i32, stride_sn=i32,
-            FP8_W=True, **moe8), 4),
+            I=i32, TOPK=i32, num_pairs=i32, limit=f32, stride_x=i32, stride_we=i32, stride_wn=i32, stride_se=i32, stride_sn=i32,
+            FP8_W=True, CLAMP=False, **moe8), 4),
         "moe_down (FP8)": (k.moe_down_kernel, dict(
             h="*fp8e4nv", h_scale="*fp32", w="*fp8e4nv", w_scale="*fp32", pairs="*i32", block_expert="*i32",
             weights="*fp32", y=bf, D=i32, I=i32, num_pairs=i32, stride_we=i32, stride_wn=i32, stride_se=i32,

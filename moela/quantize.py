@@ -7,28 +7,26 @@ kernels read, and every layer calling that backend's ops.
 
 Projections go through the backend's pack_linear, routed experts through pack_experts (the reference
 keeps both as they are); FP8 weights that the loader kept (keep_fp8) through its pack_fp8 first, which
-keeps them FP8 where its kernels read FP8 and dequantizes them otherwise. MLA's wkv_b stays plain, in
-the model's dtype: the absorbed path slices it per head. The router weight is upcast to fp32 once
-(the router computes in fp32 anyway, so this is exact).
+keeps them FP8 where its kernels read FP8 and dequantizes them otherwise. A Linear the model also slices
+itself (`sliced`: MLA's wkv_b per head, V4's grouped wo_a) stays plain, in the model's dtype. The router
+weight is upcast to fp32 once (the router computes in fp32 anyway, so this is exact).
 """
 
 import torch
 
-from moela.models.deepseek import MLA
-from moela.models.layers import Experts, Gate, Linear, OpsModule
+from moela.models.layers import Experts, Gate, HashGate, Linear, OpsModule
 from moela.ops import REFERENCE, Backend
 
 
 @torch.no_grad()
 def prepare(model: torch.nn.Module, backend: Backend) -> None:
     fp8 = (model.cfg.quantization.weight_block_size if model.cfg.quantization else (128, 128), model.embed.weight.dtype)
-    keep = {id(m.wkv_b) for m in model.modules() if isinstance(m, MLA)}
     for module in model.modules():
-        if isinstance(module, Linear) and id(module) in keep:
+        if isinstance(module, Linear) and module.sliced:
             _replace(module, "weight", _unpacked(module, "weight", REFERENCE, *fp8))
         elif isinstance(module, Linear):
             _replace(module, "weight", backend.pack_linear(_unpacked(module, "weight", backend, *fp8)))
-        elif isinstance(module, Gate):
+        elif isinstance(module, (Gate, HashGate)):
             module.weight.data = module.weight.data.float()
         elif isinstance(module, Experts):
             w13, w2 = (_unpacked(module, name, backend, *fp8) for name in ("w13", "w2"))

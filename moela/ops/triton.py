@@ -73,7 +73,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _rows(x)
     res = rows if residual is None else _rows(residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -82,12 +82,12 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
     block_rows = max(1, min(16, 2048 // block))  # several short rows per program
     if n:
         kernels.rms_norm_kernel[(triton.cdiv(n, block_rows),)](
-            rows, res, weight, out, total, n, rows.stride(0), res.stride(0), x.shape[-1], eps, ADD=residual is not None,
-            BLOCK_ROWS=block_rows, BLOCK=block, num_warps=min(max(block * block_rows // 256, 1), 8))
+            rows, res, rows if weight is None else weight, out, total, n, rows.stride(0), res.stride(0), x.shape[-1], eps,
+            ADD=residual is not None, WEIGHT=weight is not None, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=min(max(block * block_rows // 256, 1), 8))
     return out, total
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return _norm(x, None, weight, eps)[0]
 
 
@@ -124,8 +124,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def plan(ctx) -> None:
-    """Build the step's token plan (and the absorbed rows a mixed step gathers) on the device before the forward."""
+    """Build the step's token plan (and the absorbed rows a mixed step gathers, and each token's sequence,
+    which the reference ops of later models read) on the device before the forward."""
     naive, absorbed = ctx.split()
+    ctx.token_seqs()
     if absorbed:
         ctx.plans[("triton", ctx.block_size)] = _token_plan(ctx, ctx.positions.device)
         if naive:
@@ -261,11 +263,12 @@ def _expert_args(w) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], dict]:
     return w, w, (0, 0), dict(FP8_W=False, SCALE_N=1, SCALE_K=block_k, BLOCK_K=block_k)
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2) -> torch.Tensor:
-    return fused_moe(x, weights, indices, w13, w2, _fp8_dots(x.device))
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, limit: float | None = None) -> torch.Tensor:
+    return fused_moe(x, weights, indices, w13, w2, _fp8_dots(x.device), limit)
 
 
-def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, fp8_dots: bool) -> torch.Tensor:
+def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, fp8_dots: bool,
+              limit: float | None = None) -> torch.Tensor:
     """moe with FP8 expert weights multiplied in fp8 (activations quantized per 1 x block) when fp8_dots."""
     (T, D), topk = x.shape, indices.shape[1]
     w13_t, s13, strides13, const13 = _expert_args(w13)
@@ -278,8 +281,9 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13
     a, a_scale = quantize_activations(x, const13["SCALE_K"]) if quantize_x else (x, x)
     h = (torch.zeros if quantize_h else torch.empty)(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I]: padding rows stay unwritten
     kernels.moe_gate_up_kernel[(block_expert.numel(), triton.cdiv(I, 64))](
-        a, a_scale, w13_t, s13, pairs, block_expert, h, D, I, topk, n, a.stride(0), w13_t.stride(0), w13_t.stride(1),
-        *strides13, FP8_A=quantize_x, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, **const13)
+        a, a_scale, w13_t, s13, pairs, block_expert, h, D, I, topk, n, 0.0 if limit is None else limit, a.stride(0),
+        w13_t.stride(0), w13_t.stride(1), *strides13, FP8_A=quantize_x, CLAMP=limit is not None, BLOCK_M=block_m,
+        BLOCK_N=64, num_warps=4, **const13)
     h_q, h_scale = quantize_activations(h, const2["SCALE_K"]) if quantize_h else (h, h)
     y = torch.empty(n, D, dtype=x.dtype, device=x.device)  # [T*k, D] weighted expert outputs, token-major
     kernels.moe_down_kernel[(block_expert.numel(), triton.cdiv(D, 64))](

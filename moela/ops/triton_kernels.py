@@ -54,8 +54,8 @@ def _scaled_dot(acc, a, w, a_scale, w_scale, FP8_A: tl.constexpr):
 
 @triton.jit
 def rms_norm_kernel(x, res, weight, out, total, n_rows, stride_x, stride_r, D, eps,
-                    ADD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK_ROWS rows: out = weight * rms_norm(x [+ res]), the sum (rounded to out's dtype) stored in total."""
+                    ADD: tl.constexpr, WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK_ROWS rows: out = [weight *] rms_norm(x [+ res]), the sum (rounded to out's dtype) stored in total."""
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
@@ -65,9 +65,10 @@ def rms_norm_kernel(x, res, weight, out, total, n_rows, stride_x, stride_r, D, e
         h = h.to(out.dtype.element_ty)
         tl.store(total + rows[:, None] * D + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    normed = (h / tl.sqrt(tl.sum(h * h, axis=1) / D + eps)[:, None]).to(out.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight + cols, mask=cols < D, other=0.0).to(tl.float32)
-    tl.store(out + rows[:, None] * D + cols[None, :], (w[None, :] * normed).to(out.dtype.element_ty), mask=mask)
+    normed = (h / tl.sqrt(tl.sum(h * h, axis=1) / D + eps)[:, None]).to(out.dtype.element_ty)
+    if WEIGHT:
+        normed = tl.load(weight + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :] * normed.to(tl.float32)
+    tl.store(out + rows[:, None] * D + cols[None, :], normed.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -230,12 +231,13 @@ def fp8_linear_kernel(a, a_scale, w, w_scale, out, M, N, K, stride_a, stride_w, 
 
 
 @triton.jit
-def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOPK, num_pairs,
+def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOPK, num_pairs, limit,
                        stride_x, stride_we, stride_wn, stride_se, stride_sn,
                        FP8_W: tl.constexpr, FP8_A: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of (token, expert) pairs of one expert, BLOCK_N of its I intermediate columns:
-    h[row] = silu(x[token] @ gate^T) * (x[token] @ up^T), gate and up the halves of w [E, 2I, D]."""
+    h[row] = silu(x[token] @ gate^T) * (x[token] @ up^T), gate and up the halves of w [E, 2I, D]; with
+    CLAMP (V4), gate <= limit and up within [-limit, limit] first."""
     e = tl.load(block_expert + tl.program_id(0)).to(tl.int64)
     if e < 0:  # past the last expert's rows
         return
@@ -267,6 +269,9 @@ def moe_gate_up_kernel(x, x_scale, w, w_scale, pairs, block_expert, h, D, I, TOP
         else:
             acc_g = _dot(at, wg, acc_g)
             acc_u = _dot(at, wu, acc_u)
+    if CLAMP:
+        acc_g = tl.minimum(acc_g, limit)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
     out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h + rows[:, None].to(tl.int64) * I + n[None, :], out.to(h.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
 
