@@ -130,10 +130,12 @@ def test_fp8_checkpoint_keeps_fp8_weights(tmp_path, monkeypatch):
     assert torch.equal(got.argmax(-1), want.argmax(-1)) and ((got - want).abs().mean() / want.abs().mean()) < 0.1
 
 
-def test_engine_greedy_tokens_equal_the_reference(hf_checkpoint):
+@pytest.mark.parametrize("variant", ["v2_lite", "v32", "v4"])
+def test_engine_greedy_tokens_equal_the_reference(hf_checkpoint, variant):
     """fp32 (Triton's interpreter truncates bf16): a decode, a prompt chunked in two (its second chunk reads
-    the cache) and a prompt whose first block comes from the prefix cache, sharing steps."""
-    path, _ = hf_checkpoint("v2_lite")
+    the cache) and a prompt whose first block comes from the prefix cache, sharing steps. V3.2's indexer and
+    sparse attention and V4's sink attention are the reference's; the rest of their steps are this backend's."""
+    path, _ = hf_checkpoint(variant)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = [[5, 9, 17, 33, 2, 71, 4, 8], [5, 9, 17, 33, 40, 41], [7] * 11]
     outs = {}
@@ -145,7 +147,7 @@ def test_engine_greedy_tokens_equal_the_reference(hf_checkpoint):
         while engine.has_unfinished():
             done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
         outs[backend] = [done[i] for i in ids]
-        assert engine.scheduler.prefix_hits > 0
+        assert engine.scheduler.prefix_hits > 0 or not engine.blocks.prefix_caching  # V4 keeps per-sequence state
     assert outs["triton"] == outs["reference"]
 
 
