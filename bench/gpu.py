@@ -65,7 +65,7 @@ from moela.cost.catalog import load_model as catalog_model  # noqa: E402
 from moela.cost.measure import random_model  # noqa: E402
 from moela.engine.llm import LLMEngine  # noqa: E402
 from moela.engine.sampler import SamplingParams  # noqa: E402
-from moela.loader import map_name  # noqa: E402
+from moela.names import map_name  # noqa: E402
 from moela.models import StepContext  # noqa: E402
 from moela.ops import reference  # noqa: E402
 from moela.ops import triton as tt  # noqa: E402

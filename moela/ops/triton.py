@@ -7,8 +7,8 @@ forces it, also on an Ascend "npu" with triton-ascend, where it has never been r
 
 | op | here |
 |---|---|
-| rms_norm, add_rms_norm | one program per row; the residual add fused into the norm |
-| rope | one program per token and block of heads |
+| rms_norm, add_rms_norm | up to 16 rows per program; the residual add fused into the norm |
+| rope | 64 (token, head) rows per program |
 | latent_attention | absorbed MLA over the paged latent cache: every absorbed query token (decodes and chunks, any lengths, any block size) in one launch, keys split into slices whose partial softmaxes a second kernel merges |
 | causal_attention | flash attention, causal (the naive MLA prefill of a prompt) |
 | moe | (token, expert) pairs sorted by expert on the device; one grouped GEMM for gate/up with SiLU*up fused, one for down with the routing weights applied |
@@ -83,7 +83,8 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor |
     if n:
         kernels.rms_norm_kernel[(triton.cdiv(n, block_rows),)](
             rows, res, rows if weight is None else weight, out, total, n, rows.stride(0), res.stride(0), x.shape[-1], eps,
-            ADD=residual is not None, WEIGHT=weight is not None, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=min(max(block * block_rows // 256, 1), 8))
+            ADD=residual is not None, WEIGHT=weight is not None, BLOCK_ROWS=block_rows, BLOCK=block,
+            num_warps=min(max(block * block_rows // 256, 1), 8))
     return out, total
 
 
@@ -279,7 +280,8 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13
     pairs, block_expert = sort_by_expert(indices, E, block_m)
     quantize_x, quantize_h = const13["FP8_W"] and fp8_dots, const2["FP8_W"] and fp8_dots
     a, a_scale = quantize_activations(x, const13["SCALE_K"]) if quantize_x else (x, x)
-    h = (torch.zeros if quantize_h else torch.empty)(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I]: padding rows stay unwritten
+    new = torch.zeros if quantize_h else torch.empty  # padding rows are never written: zeros quantize cleanly
+    h = new(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [padded rows, I], in expert order
     kernels.moe_gate_up_kernel[(block_expert.numel(), triton.cdiv(I, 64))](
         a, a_scale, w13_t, s13, pairs, block_expert, h, D, I, topk, n, 0.0 if limit is None else limit, a.stride(0),
         w13_t.stride(0), w13_t.stride(1), *strides13, FP8_A=quantize_x, CLAMP=limit is not None, BLOCK_M=block_m,
