@@ -20,16 +20,15 @@ from moela.ops import REFERENCE, Backend
 
 @torch.no_grad()
 def prepare(model: torch.nn.Module, backend: Backend) -> None:
-    fp8 = (model.cfg.quantization.weight_block_size if model.cfg.quantization else (128, 128), model.embed.weight.dtype)
     for module in model.modules():
         if isinstance(module, Linear) and module.sliced:
-            _replace(module, "weight", _unpacked(module, "weight", REFERENCE, *fp8))
+            _replace(module, "weight", _unpacked(module, "weight", REFERENCE, model))
         elif isinstance(module, Linear):
-            _replace(module, "weight", backend.pack_linear(_unpacked(module, "weight", backend, *fp8)))
+            _replace(module, "weight", backend.pack_linear(_unpacked(module, "weight", backend, model)))
         elif isinstance(module, (Gate, HashGate)):
             module.weight.data = module.weight.data.float()
         elif isinstance(module, Experts):
-            w13, w2 = (_unpacked(module, name, backend, *fp8) for name in ("w13", "w2"))
+            w13, w2 = (_unpacked(module, name, backend, model) for name in ("w13", "w2"))
             for name, packed in zip(("w13", "w2"), backend.pack_experts(w13, w2)):
                 _replace(module, name, packed)
         if isinstance(module, OpsModule):
@@ -38,15 +37,17 @@ def prepare(model: torch.nn.Module, backend: Backend) -> None:
         model.requires_grad_(False)
 
 
-def _unpacked(module: torch.nn.Module, name: str, backend: Backend, block: tuple[int, int], dtype: torch.dtype):
+def _unpacked(module: torch.nn.Module, name: str, backend: Backend, model: torch.nn.Module):
     """The weight as pack_linear / pack_experts take it: an e4m3 one that the loader kept (keep_fp8) goes
-    through the backend's pack_fp8 with its scales, which the module then drops."""
+    through the backend's pack_fp8 with its scales (in the checkpoint's blocks, to the model's dtype), which
+    the module then drops. Only then is the model's config read (the MTP module has none, nor FP8 weights)."""
     weight = getattr(module, name)
     if weight.dtype != torch.float8_e4m3fn:
         return weight
     scale_inv = getattr(module, name + "_scale_inv")
     delattr(module, name + "_scale_inv")
-    return backend.pack_fp8(weight, scale_inv, block, dtype)
+    quant = model.cfg.quantization
+    return backend.pack_fp8(weight, scale_inv, quant.weight_block_size if quant else (128, 128), model.embed.weight.dtype)
 
 
 def _replace(module: torch.nn.Module, name: str, packed) -> None:
