@@ -96,7 +96,7 @@ class LLMEngine:
         req = Request(request_id, text, ids)
         guides = self.guides.start(params, params.n)
         for i in range(params.n):
-            detok = self.tokenizer.stream() if self.tokenizer else None
+            detok = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer else None
             seq = Sequence(request_id, i, list(ids), len(ids), params, params.generator(i, self.device), detok,
                            first_sibling=req.seqs[0] if i else None, guide=guides[i])
             req.seqs.append(seq)
