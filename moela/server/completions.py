@@ -127,13 +127,17 @@ def _choice(req: CompletionRequest, tok: Tokenizer, index: int, echo_of: Echo, o
 
 
 def _starts(tok: Tokenizer, ids: list[int], specials: bool, base: int, length: int) -> list[int]:
-    """Where each token's text starts, from `base`, in a text of `length` characters that decodes `ids`
-    (a character cut across tokens starts at its first token)."""
+    """Where each token's text starts, from `base`, in a text of `length` characters that decodes `ids`: a
+    character cut across tokens starts at its first token; a token whose own text ends the piece it
+    completes starts where that text does. A streamed chunk's text may begin with characters whose first
+    bytes came in an earlier chunk: the chunk's own tokens then start after them."""
     stream, starts, done = tok.stream(skip_special_tokens=not specials), [], 0
     for token_id in ids:
-        starts.append(base + min(done, length))
-        done += len(stream.step(token_id))
-    return starts
+        piece, own = stream.step(token_id), tok.decode([token_id], skip_special_tokens=not specials)
+        starts.append(done + len(piece) - len(own) if own and piece.endswith(own) else done)
+        done += len(piece)
+    shift = max(0, length - done - len(stream.flush()))
+    return [base + min(at + shift, length) for at in starts]
 
 
 def _logprobs(tok: Tokenizer, token_ids: list[int], entries: list[dict | None], starts: list[int]) -> dict[str, list]:
