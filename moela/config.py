@@ -413,6 +413,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -431,6 +432,8 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device = {self.device!r} is invalid: use a torch device such as 'cpu' or 'cuda:0'") from None
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs = True needs a CUDA device, not device = {self.device!r}")
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
@@ -463,6 +466,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
     add_threads_arg(parser)
 
 
