@@ -5,8 +5,9 @@ copied and applied; tokens accepted) per decode step.
 
     python bench/guided.py                                   # batches 1 and 8, 128 tokens, 3 repeats
     python bench/guided.py --new-tokens 32 --repeats 1       # a quick check
+    python bench/guided.py --device cuda --cuda-graphs       # on a GPU
 
-Writes bench/results/guided-<date>.json (with the machine and the command).
+Writes bench/results/guided-<device type>-<date>.json (with the machine and the command).
 """
 
 import argparse
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per case; the median is reported")
     p.add_argument("--threads", default="auto")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
 
@@ -75,7 +78,8 @@ def main() -> None:
     from moela.engine.guided import GuidedDecodingParams
 
     threads = args.threads if args.threads == "auto" else int(args.threads)
-    llm = LLM(model=args.model, threads=threads, max_num_seqs=max(args.batches), max_model_len=64 + args.new_tokens)
+    llm = LLM(model=args.model, threads=threads, device=args.device, cuda_graphs=args.cuda_graphs,
+              max_num_seqs=max(args.batches), max_model_len=64 + args.new_tokens)
     llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8))  # warm-up
     modes = {"none": None, "json_schema": GuidedDecodingParams(json=LONG_JSON),
              "regex": GuidedDecodingParams(regex=LONG_REGEX)}
@@ -96,8 +100,8 @@ def main() -> None:
     record = {"date": date, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
               "model": args.model or "embedded default", "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "threads": args.threads, "results": results}
-    out = Path(args.out) / f"guided-{date}.json"
+              "threads": args.threads, "device": args.device, "cuda_graphs": args.cuda_graphs, "results": results}
+    out = Path(args.out) / f"guided-{llm.engine.device.type}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

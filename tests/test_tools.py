@@ -71,6 +71,14 @@ def test_streamed_deltas_add_up_to_the_whole_parse_at_every_split(fmt):
         assert got_content == content and [(names[i], args[i]) for i in sorted(names)] == calls, cuts
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = written("deepseek_v31", CALLS)
+    stream = ToolCallStream(FORMATS["deepseek_v31"], parallel=False)
+    entries = [e for piece in (text[:40], text[40:]) for e in stream.feed(piece)[1]] + stream.feed("", final=True)[1]
+    assert len(CALLS) > 1 and {e["index"] for e in entries} == {0}
+    assert json.loads("".join(e["function"]["arguments"] for e in entries)) == CALLS[0][1]
+
+
 def test_unfinished_call_and_held_back_markers():
     fmt = FORMATS["deepseek_v31"]
     assert fmt.parse("hi <｜tool▁ca", final=False) == ("hi", [])  # could be the start of the block

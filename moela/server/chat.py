@@ -56,7 +56,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
         await job.submit([ids], [params])
 
     fmt = serving.tool_format if calling else None
-    states = [_Split(serving.reasoning, fmt) for _ in range(req.n)]
+    states = [_Split(serving.reasoning, fmt, req.parallel_tool_calls) for _ in range(req.n)]
 
     def chunks(_, out: RequestOutput) -> Iterator[dict]:
         for o in out.outputs:
@@ -172,11 +172,12 @@ class _Split:
 
     reasoning: bool
     fmt: ToolFormat | None
+    parallel: bool = True  # parallel_tool_calls: False keeps only the first call
     thinking: ReasoningSplitter = field(default_factory=ReasoningSplitter)
     calls: ToolCallStream | None = None
 
     def __post_init__(self) -> None:
-        self.calls = ToolCallStream(self.fmt) if self.fmt is not None else None
+        self.calls = ToolCallStream(self.fmt, self.parallel) if self.fmt is not None else None
 
     def feed(self, text: str, final: bool) -> dict[str, Any]:
         """The delta of this piece: reasoning_content, content, tool_calls (only those present)."""
@@ -194,7 +195,7 @@ def _choice(req: ChatCompletionRequest, serving: Serving, o: CompletionOutput, f
     message: dict[str, Any] = {"role": "assistant", "content": o.text}
     finish_reason = o.finish_reason
     if serving.reasoning or fmt is not None:
-        split = _Split(serving.reasoning, fmt)
+        split = _Split(serving.reasoning, fmt, req.parallel_tool_calls)
         parts = split.feed(o.text, final=True)
         message.update(content=parts.get("content"), reasoning_content=parts.get("reasoning_content"))
         if "tool_calls" in parts:

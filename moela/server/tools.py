@@ -4,7 +4,7 @@ for a chat template that does not render tools itself.
 
     fmt = FORMATS["deepseek_v31"]
     content, calls = fmt.parse(text, final=True)           # calls: [(name, arguments JSON text)]
-    stream = ToolCallStream(fmt)                           # one per choice
+    stream = ToolCallStream(fmt, parallel=True)            # one per choice; parallel=False keeps the first call
     content_delta, call_deltas = stream.feed(delta_text)   # OpenAI's delta.tool_calls entries
     lark = call_grammar(fmt, tools, name=None, parallel=True, token=lambda s: json.dumps(s))
 
@@ -161,13 +161,14 @@ def _dsml_value(value: str, is_string: bool) -> str:
 class ToolCallStream:
     """One choice's completion, fed piece by piece: content deltas and OpenAI `delta.tool_calls` entries."""
 
-    def __init__(self, fmt: ToolFormat):
-        self.fmt, self.text = fmt, ""
+    def __init__(self, fmt: ToolFormat, parallel: bool = True):
+        self.fmt, self.text, self.limit = fmt, "", None if parallel else 1  # parallel False: the first call only
         self.content_sent, self.args_sent = 0, []  # characters of content / of each call's arguments sent
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         self.text += piece
         content, calls = self.fmt.parse(self.text, final)
+        calls = calls[:self.limit]
         delta, self.content_sent = content[self.content_sent:], max(self.content_sent, len(content))
         entries = []
         for i, (name, args) in enumerate(calls):
