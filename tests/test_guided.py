@@ -99,3 +99,14 @@ def test_logit_bias_outside_the_vocabulary_and_bad_grammars_are_refused_at_admis
 def test_guided_params_need_exactly_one_valid_field(bad):
     with pytest.raises(ValueError, match="guided_decoding"):
         GuidedDecodingParams(**bad)
+
+
+def test_errors_name_the_cause_not_the_grammar_moela_wrapped_it_in():
+    errors = {}
+    for field, bad in [("json", {"properties": [1]}), ("regex", "[a-"), ("grammar", "start: (")]:
+        with pytest.raises(ValueError) as e:
+            GuidedDecodingParams(**{field: bad}).compiled()
+        errors[field] = str(e.value)
+    assert errors["json"] == "guided_decoding.json is invalid: failed to compile JSON schema: properties must be an object"
+    assert "unclosed character class" in errors["regex"] and "start:" not in errors["regex"]
+    assert "1 | start: (" in errors["grammar"]  # a user's own grammar: where in it

@@ -15,6 +15,7 @@ The sampled token advances the matcher; a sequence whose grammar is complete fin
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,11 +69,20 @@ class GuidedDecodingParams:
         try:
             grammar = LLMatcher.grammar_from_lark(self.grammar if self.grammar is not None else "start: " + self.lark())
         except ValueError as e:
-            raise ValueError(f"guided_decoding.{field} is invalid: {e}") from None
+            raise ValueError(f"guided_decoding.{field} is invalid: {_reason(str(e), field)}") from None
         error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
         if error:
-            raise ValueError(f"guided_decoding.{field} is invalid: {messages[0].strip()}")
+            raise ValueError(f"guided_decoding.{field} is invalid: {_reason(messages[0], field)}")
         return grammar
+
+
+def _reason(message: str, field: str) -> str:
+    """llguidance's error, without the position in and the echo of the grammar moela wrapped a schema,
+    regex or choice in (a user's own grammar keeps both)."""
+    if field == "grammar":
+        return message.strip()
+    message = re.split(r"\n\s*\d+ \| ", message)[0]
+    return re.sub(r"^at \d+\(\d+\): ", "", message.strip())
 
 
 def json_lark(schema: dict | str, whitespace_pattern: str | None = None) -> str:

@@ -97,10 +97,14 @@ def _check_options(req: ChatCompletionRequest) -> None:
 def _guided(serving: Serving, req: ChatCompletionRequest, tools: list[dict]) -> GuidedDecodingParams | None:
     """A forced tool call's grammar, or the response format's, or None; each tool's schema checked first."""
     for i, tool in enumerate(tools):
+        schema = tool.get("parameters") or {"type": "object"}
+        if schema.get("type", "object") != "object":  # arguments are always an object, in every format
+            raise ApiError(400, f"tools.{i}.function.parameters must describe an object (type 'object'), not "
+                                f"type {schema['type']!r}", param="tools")
         try:
-            GuidedDecodingParams(json=tool.get("parameters") or {"type": "object"}).compiled()
+            GuidedDecodingParams(json=schema).compiled()
         except ValueError as e:
-            raise ApiError(400, f"tools.{i}.function.parameters: {str(e).removeprefix('guided_decoding.json')}",
+            raise ApiError(400, str(e).replace("guided_decoding.json", f"tools.{i}.function.parameters", 1),
                            param="tools") from None
     guided = guided_decoding(req)
     forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)

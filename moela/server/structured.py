@@ -6,6 +6,7 @@ as the engine's GuidedDecodingParams, compiled here so that a bad schema is a 40
     guided = after_thinking(guided, token)            # --reasoning-parser: free <think> text first
 """
 
+import re
 from collections.abc import Callable
 
 from moela.engine.guided import GuidedDecodingParams
@@ -26,7 +27,7 @@ def guided_decoding(req: SamplingRequest) -> GuidedDecodingParams | None:
         params = GuidedDecodingParams(**spec, whitespace_pattern=req.guided_whitespace_pattern)
         params.compiled()
     except ValueError as e:
-        raise ApiError(400, f"{field}: {str(e).removeprefix('guided_decoding')}", param=field) from None
+        raise ApiError(400, re.sub(r"^guided_decoding(\.\w+)?", field, str(e)), param=field) from None
     return params
 
 
