@@ -9,6 +9,7 @@ import jsonschema_rs
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
+from moela.server.cli import parse_args
 from moela.server.tools import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, FORMATS, SEP
 from test_server import REASONING, ThreadServer, tiny_model
 
@@ -139,3 +140,10 @@ def test_reasoning_then_a_forced_call(tmp_path_factory):
         assert assemble(client.chat.completions.create(**body, stream=True))[1] == calls
     finally:
         srv.stop()
+
+
+def test_vllm_tool_flags_parse():
+    args = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "deepseek_v3"])
+    assert args.tool_call_parser == "deepseek_v3" and args.enable_auto_tool_choice
+    with pytest.raises(SystemExit):
+        parse_args(["--tool-call-parser", "hermes"])

@@ -60,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="put <think>...</think> into reasoning_content")
     p.add_argument("--tool-call-parser", choices=tuple(FORMATS), default=None,
                    help="DeepSeek tool-call format of the model (default: from its model_type and chat template)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, accepted so its command lines work: tool calls are parsed whenever a request has tools")
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
