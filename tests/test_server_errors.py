@@ -52,6 +52,7 @@ CASES = [  # route, changes to the base body, status, param
     (H, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]}, 400, "tools"),
     (H, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, 400, "tools"),
     (H, {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    (H, {"tools": [{**TOOL, "function": {**TOOL["function"], "strict": True}}], "guided_regex": "a+"}, 400, "tools"),
     (C, {"guided_regex": "[a-"}, 400, "guided_regex"), (C, {"guided_choice": []}, 400, "guided_choice"),
     (C, {"guided_json": "{not json"}, 400, "guided_json"), (H, {"guided_grammar": "start: ("}, 400, "guided_grammar"),
     (C, {"guided_regex": "a", "guided_choice": ["b"]}, 400, "guided_choice"),

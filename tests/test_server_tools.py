@@ -42,10 +42,14 @@ def with_tools_template(path, tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def tools_path(tmp_path_factory):
+    return with_tools_template(tiny_model(tmp_path_factory)[0], tmp_path_factory, "tools")
+
+
+@pytest.fixture(scope="module")
+def servers(tools_path):
     """format -> a server of the random tiny model in that format, started on first use."""
-    path = with_tools_template(tiny_model(tmp_path_factory)[0], tmp_path_factory, "tools")
-    started = {}
+    path, started = tools_path, {}
 
     def get(fmt: str) -> ThreadServer:
         if fmt not in started:
@@ -103,6 +107,22 @@ def test_required_calls_are_valid_and_stream_identically(servers, parallel):
     calls = check_calls(whole.message)
     assert parallel or len(calls) == 1
     assert assemble(client.chat.completions.create(**body, stream=True)) == ("", calls, "tool_calls")
+
+
+@pytest.mark.parametrize("fmt", ["deepseek_v3", "deepseek_v31"])
+def test_strict_tools_under_auto_give_valid_calls_or_none(servers, tools_path, fmt):
+    """Biased towards opening a call block at once, the random model still writes calls that validate."""
+    begin = HFTokenizer.from_file(str(tools_path / "tokenizer.json")).token_to_id(CALLS_BEGIN)
+    client = servers(fmt).client()
+    tools = [{**t, "function": {**t["function"], "strict": True}} for t in (WEATHER, CLOCK)]
+    body = dict(model="tiny", messages=USER, tools=tools, max_tokens=300, temperature=1.0, seed=3)
+    whole = client.chat.completions.create(**body, logit_bias={str(begin): 100}).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    calls = check_calls(whole.message)
+    streamed = client.chat.completions.create(**body, logit_bias={str(begin): 100}, stream=True)
+    assert assemble(streamed) == ("", calls, "tool_calls")
+    free = client.chat.completions.create(**body, logit_bias={str(begin): -100}).choices[0]
+    assert free.message.content and not free.message.tool_calls and free.finish_reason in ("stop", "length")
 
 
 def test_auto_and_none_stream_like_the_whole_answer(servers):

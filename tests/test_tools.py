@@ -131,6 +131,24 @@ def test_forcing_grammar_always_parses_into_valid_calls(lltok, fmt, name, think)
     assert finished >= 3
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_calls_grammar_takes_content_or_valid_calls_only(lltok, fmt):
+    tok, ll, token = lltok
+    city = {"name": "city", "parameters": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "days": {"type": "integer"}}}}
+    grammar = LLMatcher.grammar_from_lark(call_grammar(FORMATS[fmt], [city, NOARGS], None, True, token, optional=True))
+
+    def accepts(text: str) -> bool:
+        matcher = LLMatcher(ll, grammar, log_level=0)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        return all(matcher.consume_token(t) for t in ids) and (matcher.is_stopped() or matcher.consume_token(1))
+
+    paris = ("city", {"name": "Paris", "days": 2})
+    assert accepts("Just text, <no call>.") and accepts(written(fmt, [paris])) and accepts(written(fmt, [paris] * 2))
+    assert not accepts(written(fmt, [("city", {"days": 2})]))  # a required argument missing
+    assert not accepts(written(fmt, [("other", {})]))
+
+
 def walk(ll: LLTokenizer, tok: HFTokenizer, grammar: str, rng: random.Random, budget: int = 300) -> str | None:
     """A random path through the grammar, preferring tokens that close something; None if it did not end."""
     matcher, out = LLMatcher(ll, grammar), []

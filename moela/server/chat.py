@@ -7,8 +7,9 @@ model's DeepSeek format (moela/server/tools.py), split identically streamed or n
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 64}
     body = {..., "tools": [{"type": "function", "function": {"name": "f", "parameters": {...}}}], "tool_choice": "required"}
 
-A "required" or named tool choice, `response_format` and vLLM's guided_* fields constrain the output
-by grammar (moela/engine/guided.py), so it always parses.
+A "required" or named tool choice, tools marked `strict` (under "auto": calls, if any, valid),
+`response_format` and vLLM's guided_* fields constrain the output by grammar (moela/engine/guided.py),
+so it always parses.
 """
 
 import json
@@ -108,13 +109,16 @@ def _guided(serving: Serving, req: ChatCompletionRequest, tools: list[dict]) -> 
                            param="tools") from None
     guided = guided_decoding(req)
     forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
-    if not forced:
+    strict = req.tool_choice in (None, "auto") and any(t.get("strict") for t in tools)  # calls, if any, valid
+    if not (forced or strict):
         return after_thinking(guided, serving.token) if serving.reasoning else guided
     if guided is not None:
-        raise ApiError(400, "a required or named tool_choice already constrains the output: drop response_format "
-                            "and guided_* fields", param="tool_choice")
+        what, param = ("a required or named tool_choice", "tool_choice") if forced else ("a strict tool", "tools")
+        raise ApiError(400, f"{what} already constrains the output: drop response_format and guided_* fields",
+                       param=param)
     name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-    grammar = call_grammar(serving.tool_format, tools, name, req.parallel_tool_calls, serving.token, serving.reasoning)
+    grammar = call_grammar(serving.tool_format, tools, name, req.parallel_tool_calls, serving.token, serving.reasoning,
+                           optional=strict)
     return GuidedDecodingParams(grammar=grammar)
 
 

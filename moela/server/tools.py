@@ -1,12 +1,15 @@
 """Tool calls in DeepSeek's four formats: parsing them out of a completion (whole or streamed), the
-grammar that forces a call (tool_choice "required" or a named function), and the tool list written
+grammar that forces a call (tool_choice "required" or a named function) or keeps calls valid if the
+model makes any (strict tools under "auto"), and the tool list written
 for a chat template that does not render tools itself.
 
     fmt = FORMATS["deepseek_v31"]
     content, calls = fmt.parse(text, final=True)           # calls: [(name, arguments JSON text)]
     stream = ToolCallStream(fmt, parallel=True)            # one per choice; parallel=False keeps the first call
     content_delta, call_deltas = stream.feed(delta_text)   # OpenAI's delta.tool_calls entries
-    lark = call_grammar(fmt, tools, name=None, parallel=True, token=lambda s: json.dumps(s))
+    token = lambda s: json.dumps(s)                        # a marker as a literal (or "<[id]>": its special token)
+    lark = call_grammar(fmt, tools, name=None, parallel=True, token=token)
+    lark = call_grammar(fmt, tools, None, True, token, optional=True)   # content, then calls or none
 
 The formats (what the model writes after its content):
     deepseek_v3   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
@@ -190,17 +193,26 @@ def tool_call(name: str, arguments: str) -> dict[str, Any]:
 
 
 def call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool, token: Callable[[str], str],
-                 think: bool = False) -> str:
+                 think: bool = False, optional: bool = False) -> str:
     """Lark for output that is one call of `name` (or one or more calls of any of `tools`), arguments valid
     against each function's JSON schema. `token(s)` writes a marker: its special token's id, or a literal.
-    `think`: a reasoning part ending with </think> comes first."""
+    `think`: a reasoning part ending with </think> comes first. `optional`: free content, then calls or
+    none (tool_choice "auto" with strict tools)."""
     chosen = [t for t in tools if name is None or t["name"] == name]
     rules = [f"call_{i}: " + (_dsml_invoke(fmt, t, i) if fmt.dsml else _json_call(fmt, t, token)) for i, t in enumerate(chosen)]
     joiner = '"\\n" ' if fmt.dsml or fmt.fenced else ""
     calls = f"call ({joiner}call)*" if parallel and name is None else "call"
     newline = '"\\n" ' if fmt.dsml else ""
-    lines = ["%llguidance {}",
-             f"start: {'think ' if think else ''}{token(fmt.begin)} {newline}{calls} {newline}{token(fmt.end)}",
+    begin, block = token(fmt.begin), f"{newline}{calls} {newline}{token(fmt.end)}"
+    if not optional:
+        body = [f"{begin} {block}"]
+    elif begin.startswith("<["):  # a special token, which free text cannot contain
+        body = [f"CONTENT ({begin} {block})?", r"CONTENT: /(.|\n)*/"]
+    else:  # free text up to the first marker, then calls; or text without the marker
+        marker = "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in fmt.begin)
+        body = [f"(PLAIN | opening {block})", f"opening[lazy]: CONTENT {begin}", r"CONTENT: /(.|\n)*/",
+                rf"PLAIN: /(.|\n)*/ & ~/(.|\n)*{marker}(.|\n)*/"]
+    lines = ["%llguidance {}", f"start: {'think ' if think else ''}{body[0]}", *body[1:],
              "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules]
     return "\n".join(lines + (think_rules(token) if think else []))
 
