@@ -125,6 +125,8 @@ def test_forcing_grammar_always_parses_into_valid_calls(lltok, fmt, name, think)
             text = text.split("</think>", 1)[1]
         content, calls = FORMATS[fmt].parse(text, final=True)
         assert content == "" and calls and (name is None or [n for n, _ in calls] == [name])
+        if FORMATS[fmt].dsml and "get_weather" in dict(calls):  # an enum of strings is written as its chat template would
+            assert 'name="unit" string="true">' in text
         for n, args in calls:
             schema = {"get_weather": WEATHER, "now": NOARGS}[n]["parameters"]
             assert jsonschema_rs.is_valid(schema, json.loads(args)), (n, args)

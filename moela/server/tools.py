@@ -236,10 +236,21 @@ def _dsml_invoke(fmt: ToolFormat, tool: dict, i: int) -> str:
         head = f'\\n<{DSML}parameter name=\\"{_lark_text(key)}\\" string='
         if isinstance(sub, dict) and set(sub) <= PLAIN_STRING_KEYS and sub.get("type") == "string":
             value = f'"{head}\\"true\\">" /[^<]*/'  # a plain string, written as is
+        elif choices := _string_choices(sub):  # one of some strings, written as is too
+            value = f'"{head}\\"true\\">" (' + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices) + ")"
         else:
             value = f'"{head}\\"false\\">" ' + json_lark({**sub, **defs} if isinstance(sub, dict) else sub)
         params.append(f"({value} \"{PARAM_END}\")" + ("" if key in required else "?"))
     return f'"<{DSML}invoke name=\\"{_lark_text(tool["name"])}\\">" {" ".join(params)} "\\n</{DSML}invoke>"'
+
+
+def _string_choices(sub: Any) -> list[str] | None:
+    """The values of a property that is an enum (or const) of strings only."""
+    if not isinstance(sub, dict) or not set(sub) <= PLAIN_STRING_KEYS | {"enum", "const"} \
+            or sub.get("type", "string") != "string":
+        return None
+    values = sub["enum"] if "enum" in sub else [sub["const"]] if "const" in sub else None
+    return values if isinstance(values, list) and values and all(isinstance(v, str) for v in values) else None
 
 
 def _lark_text(s: str) -> str:
