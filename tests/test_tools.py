@@ -134,13 +134,15 @@ def test_forcing_grammar_always_parses_into_valid_calls(lltok, fmt, name, think)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_optional_calls_grammar_takes_content_or_valid_calls_only(lltok, fmt):
+@pytest.mark.parametrize("think", [False, True])
+def test_optional_calls_grammar_takes_content_or_valid_calls_only(lltok, fmt, think):
     tok, ll, token = lltok
     city = {"name": "city", "parameters": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "days": {"type": "integer"}}}}
-    grammar = LLMatcher.grammar_from_lark(call_grammar(FORMATS[fmt], [city, NOARGS], None, True, token, optional=True))
+    grammar = LLMatcher.grammar_from_lark(call_grammar(FORMATS[fmt], [city, NOARGS], None, True, token, think, True))
 
     def accepts(text: str) -> bool:
+        text = ("Hmm, <b> or not.</think>" if think else "") + text
         matcher = LLMatcher(ll, grammar, log_level=0)
         ids = tok.encode(text, add_special_tokens=False).ids
         return all(matcher.consume_token(t) for t in ids) and (matcher.is_stopped() or matcher.consume_token(1))
