@@ -5,6 +5,7 @@ a tiny vocabulary), rejection sampling alone, the stats and metrics, the CLI fla
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -179,6 +180,23 @@ def chi2_quantile_999(dof: int) -> float:
     """Wilson-Hilferty approximation of the chi-square 0.999 quantile."""
     z = 3.09
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_grammar_and_logit_bias_requests_decode_undrafted_beside_drafting_ones():
+    """A sequence with a grammar or a logit bias gets no drafts: the engine's sampler, which applies both,
+    decodes it one token a step, so it gives what it gives without speculation; its neighbour drafts."""
+    from moela.engine.guided import GuidedDecodingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=32, guided_decoding=GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}")),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={7: 100}),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
+    plain = token_ids(LLM(dtype="float32").generate(PROMPTS[:3], params))
+    llm = LLM(dtype="float32", speculative_config=spec(2))
+    outs = llm.generate(PROMPTS[:3], params)
+    assert token_ids(outs) == plain and plain[1] == [7] * 6
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", outs[0].outputs[0].text)
+    stats = llm.engine.stats()
+    assert 0 < stats["spec_decode_num_drafts"] <= 24  # only the unconstrained one drafted, at most once a token
 
 
 def test_engine_stats_and_prometheus_metrics_with_speculation():

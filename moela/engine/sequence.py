@@ -12,6 +12,7 @@ from enum import Enum
 
 import torch
 
+from moela.engine.guided import Guide
 from moela.engine.sampler import SamplingParams
 from moela.tokenizer import StreamDecoder
 
@@ -49,6 +50,7 @@ class Sequence:
     first_sibling: "Sequence | None" = None  # for samples 1..n-1: sample 0, whose prefilled blocks they share
     spec_tokens: list[int] = field(default_factory=list)  # draft tokens the next step verifies (speculative decoding)
     spec_probs: torch.Tensor | None = None  # [len(spec_tokens), V] the distributions they were drawn from (None: greedy)
+    guide: Guide | None = None  # its grammar's state and logit bias, when it has either
 
     @property
     def output_ids(self) -> list[int]:

@@ -203,7 +203,10 @@ class Speculator:
             seq.spec_probs = None if seq.params.greedy else torch.stack(rows)
 
     def budget(self, engine, seq: Sequence) -> int:
-        """Drafts worth making: at most k, one fewer than the tokens still to generate, within the context."""
+        """Drafts worth making: at most k, one fewer than the tokens still to generate, within the context;
+        none for a sequence with a grammar or logit bias (its guide), which the engine's sampler decodes."""
+        if seq.guide is not None:
+            return 0
         left = (seq.params.max_tokens or engine.max_model_len) - seq.num_output
         return min(self.k, left - 1, engine.max_model_len - len(seq.token_ids))
 
