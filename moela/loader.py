@@ -150,7 +150,10 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None) -> Transformer:
+               cfg: ModelConfig | None = None, hook=None) -> Transformer:
+    """`hook` (quantization on load: moela.quantize.OnLoad) builds the model instead (on the CPU) and
+    takes the tensors it wants as they are read: hook.build(cfg, dtype) -> model, then
+    hook.take((our name, expert, half), tensor) -> True for each tensor it keeps itself."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -159,7 +162,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
         if name not in headers[f]:
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
     plan = _plan(cfg, build_model(cfg, dtype, "meta"), where, headers)  # every check before any allocation
-    model = build_model(cfg, dtype, device)
+    model = hook.build(cfg, dtype) if hook else build_model(cfg, dtype, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
     files = sorted({f for f, _ in plan.values()})
@@ -168,7 +171,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
             for hf_name, (src, target) in plan.items():
                 if src == f:
                     tensor = _read(hf_name, where, handles, cfg)
-                    _destination(params, target).copy_(tensor)
+                    if hook is None or not hook.take(target, tensor):
+                        _destination(params, target).copy_(tensor)
     return model.eval()
 
 

@@ -43,8 +43,11 @@ class LLMEngine:
         self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
-        quantize.prepare(self.model, self.backend)
+        quant = cfg.quant_format
+        hook = quantize.OnLoad(self.backend, quant) if quant and model is None and self.device.type == "cpu" else None
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, hook=hook)
+        quantize.prepare(self.model, self.backend, quant)
+        log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
         layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
