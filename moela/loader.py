@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER = 100 * 1024 * 1024
+MAP_BYTES = 64 * 2**20  # a file is mapped afresh after this many bytes: pages read through a mapping count in RSS while it lives
 
 # HF name (inside model.layers.N.) -> (our name, which half of a fused gate/up matrix or None)
 _LAYER_NAMES = {
@@ -238,8 +239,12 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig)
     def get(name: str) -> torch.Tensor:
         f = where[name]
         if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name)
+            handles[f] = [safe_open(str(f), framework="pt"), 0]
+        tensor = handles[f][0].get_tensor(name)
+        handles[f][1] += tensor.nbytes
+        if handles[f][1] > MAP_BYTES:
+            del handles[f]  # unmapped once the tensors read through it are gone
+        return tensor
 
     tensor = get(hf_name)
     if tensor.dtype == torch.float8_e4m3fn:

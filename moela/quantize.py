@@ -60,6 +60,8 @@ def _nbytes(obj) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, list):
         return sum(_nbytes(o) for o in obj)
+    if obj is None:  # a slot not loaded yet
+        return 0
     return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj) if isinstance(getattr(obj, f.name), torch.Tensor))
 
 

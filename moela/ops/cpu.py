@@ -29,6 +29,10 @@ import torch.nn.functional as F
 
 from moela.ops.reference import QuantizedWeight, expert_loop, quantize_weight, weight_format
 
+try:
+    LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    LIBC = None
 PACK_VALUES = 1 << 22  # weights quantized and packed at a time: their fp32 temporaries stay ~16 MiB each
 
 
@@ -74,6 +78,7 @@ def pack_linear(weight: torch.Tensor, quantization: str | None = None) -> torch.
     step = max(64, PACK_VALUES // inp // 64 * 64)  # rows at a time, whole blocks of the int4 layout
     for a in range(0, out, step):
         part = _pack_codes(quantize_weight(weight[a : a + step], fmt))
+        _release_free_memory()
         if out <= step:
             return part
         if whole is None:
@@ -84,6 +89,14 @@ def pack_linear(weight: torch.Tensor, quantization: str | None = None) -> torch.
         else:
             whole.codes[rows], whole.scales[rows] = part.codes, part.scales
     return whole
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS. setup() makes glibc keep freed memory; while a model is
+    quantized weight by weight (on load), each weight's temporaries would stay behind between the
+    packed weights, and resident memory would grow to twice the quantized model."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 def _pack_codes(q: QuantizedWeight) -> Int8Weight | Int4Weight:
@@ -130,9 +143,6 @@ def setup() -> None:
     Each step allocates large temporaries (activations, gathered latents); by default glibc maps
     and unmaps them every time, and the fresh pages fault in again (~20% of prefill time here).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
-    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    if LIBC is not None:
+        LIBC.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
+        LIBC.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap

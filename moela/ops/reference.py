@@ -59,16 +59,16 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
     """Round-to-nearest codes of a [out, in] weight: int8 symmetric per row, int4 asymmetric (min/max) per
     group of inputs. `fmt` must fit the weight's input width (weight_format gives one that does)."""
     bits, group = QUANT_FORMATS[fmt]
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)  # the one temporary: every step below is in place
     out, inp = w.shape
     if bits == 8:
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
-        return QuantizedWeight((w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales)
+        return QuantizedWeight(w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales)
     assert inp % group == 0, f"{fmt} does not fit {inp} inputs"
     w = w.view(out, inp // group, group)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
     scales = ((hi - lo) / 15).clamp(min=1e-12)
-    codes = ((w - lo[..., None]) / scales[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    codes = w.sub_(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.uint8)
     return QuantizedWeight(codes.view(out, inp), scales, lo, group)
 
 
