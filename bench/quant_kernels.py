@@ -1,14 +1,14 @@
 """Time the CPU kernels a linear layer can take, per weight shape and row count M: the measurements
-behind moela/ops/cpu.py's choice of kernel for quantized weights.
+behind moela/ops/cpu.py's choice (DEQUANT_ROWS) between torch's int kernels and a dequantized GEMM.
 
     python bench/quant_kernels.py                          # bench-1b's and DeepSeek-V2-Lite's shapes
-    python bench/quant_kernels.py --shapes 2048x1408 --rows 1 8 64 --threads 2
+    python bench/quant_kernels.py --shapes 2816x2048 --rows 1 8 64 --threads 1
 
 For each [out, in] weight and M: oneDNN-prepacked bf16 (the cpu backend's unquantized path), fp32
-F.linear, torch's int8 weight-only kernel and its int4 kernel (groups 32/64/128), each with bf16 and
-with fp32 activations, and "dequant": an int4 weight dequantized into bf16 on every call, then the
-bf16 GEMM (what a large M could take instead). Median of --repeats calls after a warm-up; GB/s is
-the weight bytes the kernel reads over its time.
+F.linear, torch's int8 and int4 weight-only kernels with bf16 activations (and, at M <= 4, with fp32
+activations, which take a scalar path), and each quantized weight dequantized to bf16 then one plain
+GEMM (what cpu.linear does from DEQUANT_ROWS rows on). Best of --repeats calls after a warm-up (the
+least disturbed by other processes); GB/s is the weight bytes the kernel reads over its time.
 """
 
 import argparse
@@ -16,13 +16,14 @@ import datetime
 import json
 import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from moela.ops import cpu, reference
+from moela.ops import cpu
 
 SHAPES = {  # [out, in]: bench-1b's matrices, then DeepSeek-V2-Lite's
     "bench-1b wq_b": (3072, 384), "bench-1b wo": (1024, 2048), "bench-1b expert w13": (1024, 1024),
@@ -31,41 +32,40 @@ SHAPES = {  # [out, in]: bench-1b's matrices, then DeepSeek-V2-Lite's
 }
 
 
-def median_ms(fn, repeats: int) -> float:
+def best_ms(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def kernels(weight: torch.Tensor) -> dict:
-    """name -> (bytes read per call, fn(x_bf16) -> y)."""
+    """name -> (bytes read per call, fn(x_bf16) -> y, largest M to time it at)."""
     out, inp = weight.shape
     packed_bf16, w32 = cpu.pack_linear(weight), weight.float()
-    found = {"bf16 onednn": (2 * out * inp, lambda x: cpu.linear(x, packed_bf16)),
-             "fp32 F.linear": (4 * out * inp, lambda x: torch.nn.functional.linear(x.float(), w32))}
-    q8 = reference.quantize_weight(weight, "int8")
-    s8 = {dt: q8.scales.to(dt) for dt in (torch.bfloat16, torch.float32)}
-    for act in (torch.bfloat16, torch.float32):
-        name = "bf16" if act == torch.bfloat16 else "fp32"
-        found[f"int8 {name}-act"] = (out * inp, lambda x, a=act: torch._weight_int8pack_mm(x.to(a), q8.codes, s8[a]))
-    for group in (32, 64, 128):
-        if inp % group or out % 16:
+    found = {"bf16 onednn": (2 * out * inp, lambda x: cpu.linear(x, packed_bf16), None),
+             "fp32 F.linear": (4 * out * inp, lambda x: F.linear(x.float(), w32), None)}
+    q8 = cpu.pack_linear(weight, "int8")
+    s32 = q8.scales.float()
+    found["int8"] = (out * inp, lambda x: torch._weight_int8pack_mm(x, q8.codes, q8.scales), None)
+    found["int8 fp32-act"] = (out * inp, lambda x: torch._weight_int8pack_mm(x.float(), q8.codes, s32), 4)
+    found["int8 dequant+gemm"] = (out * inp, lambda x: F.linear(x, q8.codes.to(x.dtype).mul_(q8.scales[:, None])), None)
+    for group in (32, 128):
+        q4 = cpu.pack_linear(weight, f"int4-g{group}")
+        if not isinstance(q4, cpu.Int4Weight) or q4.group_size != group:
             continue
-        q4 = reference.quantize_weight(weight, f"int4-g{group}")
-        packed = torch._convert_weight_to_int4pack_for_cpu(q4.codes.int(), 1)
-        sz = torch.stack([q4.scales, q4.mins + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        szs = {dt: sz.to(dt) for dt in (torch.bfloat16, torch.float32)}
         nbytes = out * inp // 2 + 4 * out * inp // group
-        for act in (torch.bfloat16, torch.float32):
-            name = "bf16" if act == torch.bfloat16 else "fp32"
-            found[f"int4-g{group} {name}-act"] = (
-                nbytes, lambda x, a=act, p=packed, s=szs, g=group: torch._weight_int4pack_mm_for_cpu(x.to(a), p, g, s[a]))
+        found[f"int4-g{group}"] = (nbytes, lambda x, q=q4: torch._weight_int4pack_mm_for_cpu(
+            x, q.packed, q.group_size, q.scales_zeros), None)
         if group == 128:
-            found["int4-g128 dequant+bf16"] = (nbytes, lambda x, q=q4: torch.nn.functional.linear(x, q.dequantize(torch.bfloat16)))
+            sz32 = q4.scales_zeros.float()
+            found["int4-g128 fp32-act"] = (nbytes, lambda x, q=q4: torch._weight_int4pack_mm_for_cpu(
+                x.float(), q.packed, q.group_size, sz32), 4)
+            if cpu._unpacks(q4):
+                found["int4-g128 dequant+gemm"] = (nbytes, lambda x, q=q4: x @ cpu._dequantize_int4(q, x.dtype), None)
     return found
 
 
@@ -78,23 +78,25 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    cpu.setup()  # the heap settings the engine runs with: dequantized weights reuse freed memory
     shapes = {s: tuple(map(int, s.split("x"))) for s in args.shapes} if args.shapes else SHAPES
     results = {}
     for label, (out, inp) in shapes.items():
         weight = (torch.randn(out, inp) * inp ** -0.5).bfloat16()
         found = kernels(weight)
-        print(f"{label} [{out}x{inp}]: ms per call (GB/s)")
-        print(f"{'M':>5} " + " ".join(f"{k:>22}" for k in found))
+        print(f"{label} [{out}x{inp}]: ms per call (GB/s of weights)")
+        print(f"{'M':>5} " + " ".join(f"{k:>24}" for k in found))
         results[label] = {"shape": [out, inp], "ms": {}}
         for m in args.rows:
             x = torch.randn(m, inp).bfloat16()
-            row = {k: median_ms(lambda f=fn: f(x), max(3, args.repeats // max(1, m // 32))) for k, (_, fn) in found.items()}
+            row = {k: best_ms(lambda f=fn: f(x), args.repeats) for k, (_, fn, most) in found.items() if most is None or m <= most}
             results[label]["ms"][m] = row
-            print(f"{m:>5} " + " ".join(f"{row[k]:>13.3f} ({found[k][0] / row[k] / 1e6:>5.1f})" for k in found))
+            print(f"{m:>5} " + " ".join(f"{row[k]:>15.3f} ({found[k][0] / row[k] / 1e6:>5.1f})" if k in row else f"{'':>24}"
+                                        for k in found))
     date = datetime.datetime.now().strftime("%Y-%m-%d")
     out = Path(args.out) / f"quant_kernels-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python bench/quant_kernels.py " + " ".join(os.sys.argv[1:]), "date": date,
+    out.write_text(json.dumps({"command": "python bench/quant_kernels.py " + " ".join(sys.argv[1:]), "date": date,
                                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor()}",
                                "threads": args.threads, "load_average": os.getloadavg(), "results": results}, indent=1))
     print(f"wrote {out}")

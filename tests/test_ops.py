@@ -200,11 +200,12 @@ def quantized_backends() -> list:
 @pytest.mark.parametrize("name", quantized_backends())
 def test_quantized_linear_matches_reference(name, fmt):
     """Same codes as the reference, so only bf16 accumulation differs; against the float weight, the
-    quantization error bound. Rows cover decode (1) to prefill (300); shapes cover each int4 fallback and
+    quantization error bound. Rows cover the int kernels (1, 5) and the dequantized GEMM (300); shapes
+    cover int4 in whole 64-row blocks (what the GEMM path unpacks), each int4 fallback and
     an input width torch's int8 kernel cannot take (40); inputs are views (as chunk gives)."""
     backend = ops.load(name)
     for rows in (1, 5, 300):
-        for out, inp in ((96, 256), (80, 192), (40, 96), (32, 40)):
+        for out, inp in ((128, 256), (80, 192), (40, 96), (32, 40)):
             x, w = randn(rows, 2 * inp, dtype=torch.bfloat16)[:, inp:], randn(out, inp, dtype=torch.bfloat16, seed=1) / 10
             ours = backend.linear(x, backend.pack_linear(w, fmt))
             ref = ops.REFERENCE.linear(x, ops.REFERENCE.pack_linear(w, fmt))

@@ -17,8 +17,9 @@ Quantized weights keep reference.quantize_weight's codes (so they equal the refe
 bit) in the layouts of torch's weight-only kernels: int8 codes with bf16 row scales for
 `_weight_int8pack_mm`, int4 codes in `_convert_weight_to_int4pack_for_cpu`'s blocked layout with a
 bf16 scale and zero per group and row for `_weight_int4pack_mm_for_cpu`. Both kernels read bf16 activations
-only (their fp32 paths are scalar, 10-100x slower). Which kernel a row count takes was measured
-with bench/quant_kernels.py: see `DEQUANT_ROWS`.
+only (their fp32 paths are scalar, 10-100x slower). They are fast for few rows (decode); for many
+rows (prefill, large batches) a weight is dequantized to bf16 for one plain GEMM instead: see
+`DEQUANT_ROWS`, measured with bench/quant_kernels.py.
 """
 
 import ctypes
@@ -34,6 +35,11 @@ try:
 except OSError:  # not glibc
     LIBC = None
 PACK_VALUES = 1 << 22  # weights quantized and packed at a time: their fp32 temporaries stay ~16 MiB each
+# From this many rows on, a quantized weight is dequantized to bf16 for one plain GEMM: the int kernels'
+# time grows with every row (on 1 thread here, ~0.3 ms per row for a 2816x2048 weight, int8 or int4),
+# dequantizing costs about 15 (int8) and 50 (int4) rows' worth once (bench/quant_kernels.py).
+DEQUANT_ROWS = {"int8": 32, "int4": 64}
+_INT4_LAYOUT_OK: bool | None = None  # set by _unpacks
 
 
 @dataclass
@@ -117,15 +123,44 @@ def _empty(part: Int8Weight | Int4Weight, out: int) -> Int8Weight | Int4Weight:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
-    if isinstance(weight, Int4Weight):  # the int kernels take contiguous rows only (a no-op for most inputs)
+    if isinstance(weight, Int4Weight):
+        if x.shape[0] >= DEQUANT_ROWS["int4"] and _unpacks(weight):
+            return x @ _dequantize_int4(weight, x.dtype)
+        # the int kernels take contiguous rows only (a no-op for most inputs)
         return torch._weight_int4pack_mm_for_cpu(x.contiguous(), weight.packed, weight.group_size, weight.scales_zeros)
     if isinstance(weight, Int8Weight):
-        if weight.codes.shape[1] % 16:  # torch's int8 kernel reads past rows of other widths (a crash at 4+ rows)
-            return F.linear(x, weight.codes.to(x.dtype) * weight.scales[:, None])
+        # torch's int8 kernel reads past rows whose width is not a multiple of 16 (a crash at 4+ rows)
+        if x.shape[0] >= DEQUANT_ROWS["int8"] or weight.codes.shape[1] % 16:
+            return F.linear(x, weight.codes.to(x.dtype).mul_(weight.scales[:, None]))
         return torch._weight_int8pack_mm(x.contiguous(), weight.codes, weight.scales)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
+
+
+def _dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [in, out] from the int4 kernel's layout, which stores each block of 64 rows input-major as
+    [in, 32] bytes: low nibbles rows 0-31, high nibbles rows 32-63 (`_unpacks` checks it against torch)."""
+    out, half = weight.packed.shape
+    blocks = weight.packed.view(out // 64, 2 * half, 32)  # [out / 64, in, 32]
+    wt = torch.empty(2 * half, out // 64, 2, 32, dtype=dtype)  # [in, out / 64, 2, 32] = [in, out]
+    wt[:, :, 0].copy_((blocks & 15).transpose(0, 1))
+    wt[:, :, 1].copy_((blocks >> 4).transpose(0, 1))
+    sz = weight.scales_zeros.float()  # [groups, out, 2]: w = (code - 8) * scale + zero = code * scale + min
+    scale, low = sz[..., 0].to(dtype), (sz[..., 1] - 8 * sz[..., 0]).to(dtype)  # contiguous: the in-place ops vectorize
+    return wt.view(-1, weight.group_size, out).mul_(scale[:, None]).add_(low[:, None]).view(2 * half, out)
+
+
+def _unpacks(weight: Int4Weight) -> bool:
+    """Whether _dequantize_int4 reads this weight right: whole 64-row blocks, and torch's layout checked
+    once (with a probe weight) to be the one it expects."""
+    global _INT4_LAYOUT_OK
+    if _INT4_LAYOUT_OK is None:
+        codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        ones = torch.tensor([1.0, 8.0]).expand(2, 128, 2).to(torch.bfloat16)  # scale 1, zero 8: w = code
+        probe = Int4Weight(torch._convert_weight_to_int4pack_for_cpu(codes, 1), ones.contiguous(), 32)
+        _INT4_LAYOUT_OK = torch.equal(_dequantize_int4(probe, torch.float32).t(), codes.float())
+    return _INT4_LAYOUT_OK and weight.packed.shape[0] % 64 == 0
 
 
 def pack_experts(w13: torch.Tensor | list, w2: torch.Tensor | list, quantization: str | None = None) -> tuple[list, list]:
