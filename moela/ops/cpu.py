@@ -11,7 +11,8 @@ Prepacked (blocked) weights are read 1.5-2x faster than plain ones by the small-
 steps and expert dispatch. A weight that was not packed (MLA's wkv_b, which the absorbed path slices
 per head; a tied embedding) takes the plain GEMM. The routed experts run one packed GEMM pair per
 expert that has tokens, so each MoE layer reads its per-expert token counts on the host (the one
-host synchronisation of this backend's decode step). Other ops are the reference's.
+host synchronisation of this backend's decode step). rms_norm and rope take fewer ops than the
+reference's (small decode steps are bound by the number of ops). Other ops are the reference's.
 
 Quantized weights keep reference.quantize_weight's codes (so they equal the reference's to the last
 bit) in the layouts of torch's weight-only kernels: int8 codes with bf16 row scales for
@@ -167,9 +168,32 @@ def pack_experts(w13: torch.Tensor | list, w2: torch.Tensor | list, quantization
     return [pack_linear(w, quantization) for w in w13], [pack_linear(w, quantization) for w in w2]
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
-        w2: list[torch.Tensor]) -> torch.Tensor:
-    return expert_loop(x, weights, indices, w13, w2, linear)
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list, w2: list) -> torch.Tensor:
+    """The reference's expert loop; one token (a single sequence decoding) runs its k experts in turn
+    and sums them with one [1, k] @ [k, d] matmul, without sorting pairs by expert."""
+    if x.shape[0] != 1:
+        return expert_loop(x, weights, indices, w13, w2, linear)
+    outs = []
+    for e in indices[0].tolist():
+        g, u = linear(x, w13[e]).chunk(2, dim=-1)
+        outs.append(linear(F.silu(g) * u, w2[e]))
+    return weights.to(x.dtype) @ torch.cat(outs)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One op (the reference's takes two): the weight is applied before the cast to x's dtype."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """The reference's rotation as one complex multiply, in fewer ops (a decode step is bound by their
+    count), each pair's members where the reference puts them."""
+    r = x.shape[-1]
+    h = x.float().unflatten(-1, (r // 2, 2) if interleave else (2, r // 2))
+    pairs = torch.view_as_complex(h if interleave else h.transpose(-1, -2).contiguous())  # [T, ..., r/2]
+    freqs = torch.complex(cos, sin).view(cos.shape[0], *(1,) * (x.dim() - 2), r // 2)
+    out = torch.view_as_real(pairs * freqs)  # [T, ..., r/2, 2]
+    return (out if interleave else out.transpose(-1, -2)).flatten(-2).to(x.dtype)
 
 
 def setup() -> None:

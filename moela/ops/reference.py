@@ -233,14 +233,13 @@ def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     order = indices.flatten().argsort(stable=True)  # [T*k] (token, expert) pairs sorted by expert
     counts = torch.bincount(indices.flatten(), minlength=len(w13)).tolist()
     xs = x[order // k]
-    ys = torch.empty_like(xs)
-    start = 0
+    ys, start = [], 0
     for e, n in enumerate(counts):
         if n:
             g, u = linear_op(xs[start : start + n], w13[e]).chunk(2, dim=-1)
-            ys[start : start + n] = linear_op(F.silu(g) * u, w2[e])
+            ys.append(linear_op(F.silu(g) * u, w2[e]))
             start += n
-    return combine(ys, order, weights)
+    return combine(torch.cat(ys), order, weights)
 
 
 def combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
