@@ -9,11 +9,13 @@ kernels read (quantized, if asked), and every layer calling that backend's ops.
     prepare(model, backend, "int8")                # binds the ops; the packed weights stay as they are
 
 Projections go through the backend's pack_linear, routed experts through pack_experts (the reference
-keeps both as they are unless asked to quantize). MLA's wkv_b stays plain: the absorbed path slices
-it per head. The router weight is upcast to fp32 once (the router computes in fp32 anyway, so this
-is exact). Quantization (moela.ops.reference.QUANT_FORMATS) covers every projection, the output head,
-and every routed and shared expert; the embedding (one row read per token), norms, router and wkv_b
-stay in the model dtype.
+keeps both as they are unless asked to quantize); FP8 weights that the loader kept (keep_fp8) through
+its pack_fp8 first, which keeps them FP8 where its kernels read FP8 and dequantizes them otherwise. A
+Linear the model also slices itself (`sliced`: MLA's wkv_b per head, V4's grouped wo_a) stays plain,
+in the model's dtype. The router weight is upcast to fp32 once (the router computes in fp32 anyway,
+so this is exact). Quantization (moela.ops.reference.QUANT_FORMATS) covers every other projection, the
+output head, and every routed and shared expert; the embedding (one row read per token), norms and
+router stay in the model dtype.
 """
 
 import dataclasses
@@ -21,23 +23,23 @@ import dataclasses
 import torch
 from torch import nn
 
-from moela.config import ModelConfig
-from moela.models import Transformer, build_model
-from moela.models.deepseek import MLA
-from moela.models.layers import Experts, Gate, Linear, OpsModule
-from moela.ops import Backend
+from moela.models.layers import Experts, Gate, HashGate, Linear, OpsModule
+from moela.ops import REFERENCE, Backend
 
 
 @torch.no_grad()
 def prepare(model: torch.nn.Module, backend: Backend, quantization: str | None = None) -> None:
-    plain = _plain_linears(model)
+    fp8 = (model.cfg.quantization.weight_block_size if model.cfg.quantization else (128, 128), model.embed.weight.dtype)
     for module in model.modules():
-        if isinstance(module, Linear) and module not in plain:
-            _replace(module, "weight", backend.pack_linear(module.weight, quantization))
-        elif isinstance(module, Gate):
+        if isinstance(module, Linear) and module.sliced:
+            _replace(module, "weight", _unpacked(module, "weight", REFERENCE, *fp8))
+        elif isinstance(module, Linear):
+            _replace(module, "weight", backend.pack_linear(_unpacked(module, "weight", backend, *fp8), quantization))
+        elif isinstance(module, (Gate, HashGate)):
             module.weight.data = module.weight.data.float()
         elif isinstance(module, Experts):
-            for name, packed in zip(("w13", "w2"), backend.pack_experts(module.w13, module.w2, quantization)):
+            w13, w2 = (_unpacked(module, name, backend, *fp8) for name in ("w13", "w2"))
+            for name, packed in zip(("w13", "w2"), backend.pack_experts(w13, w2, quantization)):
                 _replace(module, name, packed)
         if isinstance(module, OpsModule):
             module.ops = backend
@@ -65,9 +67,15 @@ def _nbytes(obj) -> int:
     return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj) if isinstance(getattr(obj, f.name), torch.Tensor))
 
 
-def _plain_linears(model: torch.nn.Module) -> list[Linear]:
-    """MLA's wkv_b keeps its plain weight."""
-    return [m.wkv_b for m in model.modules() if isinstance(m, MLA)]
+def _unpacked(module: torch.nn.Module, name: str, backend: Backend, block: tuple[int, int], dtype: torch.dtype):
+    """The weight as pack_linear / pack_experts take it: an e4m3 one that the loader kept (keep_fp8) goes
+    through the backend's pack_fp8 with its scales, which the module then drops."""
+    weight = getattr(module, name)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
+        return weight
+    scale_inv = getattr(module, name + "_scale_inv")
+    delattr(module, name + "_scale_inv")
+    return backend.pack_fp8(weight, scale_inv, block, dtype)
 
 
 def _replace(module: torch.nn.Module, name: str, packed) -> None:
@@ -80,13 +88,11 @@ def _replace(module: torch.nn.Module, name: str, packed) -> None:
 class OnLoad:
     """Quantization on load, the hook moela.loader.load_model calls: every weight prepare() would quantize
     is packed as it is read, one checkpoint tensor at a time, and never exists in the model dtype (an
-    FP8 checkpoint goes from FP8 through fp32 to codes, tensor by tensor). Peak memory: the quantized
-    model plus one checkpoint tensor and its temporaries (and a gate half waiting for its up half).
+    FP8 or FP4 checkpoint goes through fp32 to codes, tensor by tensor). Peak memory: the quantized model
+    plus one checkpoint tensor and its temporaries (and a gate half waiting for its up half).
 
         model = load_model(path, cfg=cfg, hook=OnLoad(backend, "int8"))
         prepare(model, backend, "int8")            # binds the ops; packed weights stay as they are
-
-    Other weights load as load_model loads them; the model is on the CPU.
     """
 
     def __init__(self, backend: Backend, quantization: str):
@@ -94,24 +100,17 @@ class OnLoad:
         self.slots: dict[str, tuple[nn.Module, str]] = {}  # parameter name -> (module, attribute) to fill
         self.halves: dict[tuple, dict[int, torch.Tensor]] = {}
 
-    def build(self, cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
-        """The model on the meta device, its quantized weights replaced by empty slots (None, or a list of
-        None per expert), everything else given empty CPU storage for the loader to fill."""
-        model = build_model(cfg, dtype, "meta")
-        plain = _plain_linears(model)
+    def claim(self, model: nn.Module) -> None:
+        """Replace each parameter that prepare() quantizes (the model is still on the meta device) by an
+        empty slot: None, or a list of None per expert. The loader allocates only what is left."""
         for prefix, module in model.named_modules():
-            attrs = ("weight",) if isinstance(module, Linear) and module not in plain else ()
-            attrs = ("w13", "w2") if isinstance(module, Experts) else attrs
-            for attr in attrs:
-                self.slots[f"{prefix}.{attr}"] = (module, attr)
-                _replace(module, attr, [None] * len(getattr(module, attr)) if isinstance(module, Experts) else None)
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is not None:
-                        empty = torch.empty_like(t, device="cpu")
-                        store[name] = nn.Parameter(empty, requires_grad=False) if store is module._parameters else empty
-        model.init_buffers()
-        return model
+            if isinstance(module, Linear) and not module.sliced:
+                self.slots[f"{prefix}.weight"] = (module, "weight")
+                _replace(module, "weight", None)
+            elif isinstance(module, Experts):
+                for attr in ("w13", "w2"):
+                    self.slots[f"{prefix}.{attr}"] = (module, attr)
+                    _replace(module, attr, [None] * len(getattr(module, attr)))
 
     def take(self, target: tuple[str, int | None, int | None], tensor: torch.Tensor) -> bool:
         name, expert, half = target

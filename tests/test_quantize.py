@@ -11,8 +11,8 @@ import torch
 from moela import ops, quantize
 from moela.config import ModelConfig, model_dir
 from moela.loader import load_model
-from moela.models import StepContext
-from moela.models.layers import OpsModule
+from moela.models import StepContext, build_model
+from moela.models.layers import Linear, OpsModule
 
 CPU = torch.device("cpu")
 cpu_only = pytest.mark.skipif(ops.why_unavailable("cpu", CPU, torch.bfloat16) is not None, reason="no oneDNN bf16 here")
@@ -80,12 +80,12 @@ def test_quantized_logits_stay_close_to_bf16():
 
 def test_on_load_never_builds_the_quantized_weights_in_the_model_dtype():
     hook = quantize.OnLoad(ops.REFERENCE, "int8")
-    model = hook.build(ModelConfig.from_pretrained(DEFAULT), torch.bfloat16)
-    plain = sum(p.numel() * 2 for n, p in model.named_parameters() if "gate.bias" not in n)
-    assert plain == model.embed.weight.nbytes + sum(  # only the embedding, norms, router and wkv_b exist
-        m.nbytes for n, m in model.named_parameters() if "norm" in n or "gate.weight" in n or "wkv_b" in n)
+    model = build_model(ModelConfig.from_pretrained(DEFAULT), torch.bfloat16, "meta")
+    hook.claim(model)
     assert model.head.weight is None and model.layers[1].ffn.experts.w13 == [None] * 8
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    left = {n for n, _ in model.named_parameters()}  # what the loader allocates: the embedding, norms, router, wkv_b
+    assert left and all(n == "embed.weight" or "norm" in n or "gate.weight" in n or "wkv_b" in n for n in left)
+    assert len(hook.slots) == sum(isinstance(m, Linear) and not m.sliced for m in model.modules()) + 2 * 3  # + experts
 
 
 def test_fp8_checkpoint_quantizes_on_load(tmp_path):
@@ -153,3 +153,10 @@ def test_quantize_on_load_peak_memory(tmp_path):
     assert grown < r["weights"] + largest + 24 * 2**20, (grown, r, largest)
     assert grown < bf16 / 2, (grown, bf16)
 
+
+
+def test_quantizes_needs_linear_and_moe_that_read_the_packed_weights():
+    import dataclasses
+
+    assert ops.quantizes(ops.REFERENCE) and ops.quantizes(ops.load("cpu"))
+    assert not ops.quantizes(dataclasses.replace(ops.REFERENCE, linear=lambda x, w: x))  # another module's linear

@@ -22,6 +22,7 @@ import torch
 from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
+from moela.engine.graphs import graph_sizes
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
@@ -44,30 +45,41 @@ class LLMEngine:
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
         quant = cfg.quant_format
-        hook = quantize.OnLoad(self.backend, quant) if quant and model is None and self.device.type == "cpu" else None
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, hook=hook)
+        if quant and not ops.quantizes(self.backend):
+            raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
+                                         "quantized kernels (the cpu and reference backends have)")
+        hook = quantize.OnLoad(self.backend, quant) if quant else None
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True, hook=hook)
         quantize.prepare(self.model, self.backend, quant)
         log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
-        layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
+        self.layout = layout = CacheLayout.fit(self.model.cache_specs(), dtype, cfg.block_size)
+        if layout.block_size != cfg.block_size:
+            log.info("block_size %d -> %d: this model's compressed caches keep one entry per %d tokens", cfg.block_size,
+                     layout.block_size, math.lcm(*(s.tokens_per_entry for s in layout.all_specs())))
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
         budget = self._cache_budget(cfg, layout)
         num_blocks = layout.num_blocks(budget, num_slots)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory = {budget} bytes holds no {cfg.block_size}-token block "
+            raise ValueError(f"kv_cache_memory = {budget} bytes holds no {layout.block_size}-token block "
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
                              f"{layout.fixed_bytes_per_sequence} bytes)")
-        self.max_cached_tokens = num_blocks * cfg.block_size
+        self.max_cached_tokens = num_blocks * layout.block_size
         log.info("backend %s on %s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", self.backend.name,
-                 self.device, num_blocks, cfg.block_size, self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
+                 self.device, num_blocks, layout.block_size, self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
                  "".join(f"\n  {line}" for line in layout.describe()))
         prefix_caching = cfg.enable_prefix_caching and not num_slots
         if cfg.enable_prefix_caching and not prefix_caching:
             log.info("prefix caching is off: this model keeps per-sequence state (%s) that cached blocks do not hold",
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
-        self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
+        self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+        graphs = cfg.cuda_graphs and not num_slots
+        if cfg.cuda_graphs and not graphs:
+            log.info("CUDA graphs are off: this model keeps per-sequence state that padding rows would need too")
+        self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
+        if graphs:
+            self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}
@@ -78,7 +90,7 @@ class LLMEngine:
         """kv_cache_memory, or max_num_seqs whole contexts in whole blocks, at most 1/4 of the device's memory."""
         if cfg.kv_cache_memory is not None:
             return cfg.kv_cache_memory
-        per_seq = math.ceil(self.max_model_len / cfg.block_size) * layout.bytes_per_block + layout.fixed_bytes_per_sequence
+        per_seq = math.ceil(self.max_model_len / layout.block_size) * layout.bytes_per_block + layout.fixed_bytes_per_sequence
         return min(cfg.max_num_seqs * per_seq, ops.device_memory(self.device) // 4)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:

@@ -14,15 +14,19 @@ settings it wants, applied by `select`), and may fail to import where its librar
 
 | op | what |
 |---|---|
-| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up) |
-| rms_norm, rope | RMSNorm (HF's rounding), rotary embedding on the rope dims |
+| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up), quantized if asked (backends that quantize: `quantizes`) |
+| pack_fp8 | an FP8 block-quantized checkpoint weight in the form pack_linear and pack_experts take |
+| rms_norm, add_rms_norm, rope | RMSNorm (HF's rounding), the same after a residual add, rotary embedding on the rope dims |
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
 | store_latent, latent_attention | write the MLA latent into the paged cache; absorbed attention over it |
+| indexer_topk, sparse_latent_attention | V3.2's lightning indexer, and absorbed attention over the rows it picks |
+| index_scores, sink_attention | V4's indexer scores, and its attention with a per-head sink (keys are values) |
 | moe, pack_experts | the routed experts of a step's tokens; pack_experts as pack_linear |
 | plan | this step's index plans, built by the runner before the forward so no layer copies to the device |
 """
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -32,8 +36,8 @@ import torch
 from moela.errors import MoelaError
 from moela.ops import reference
 
-BACKENDS = ("reference", "cpu")  # every backend module
-AUTO_ORDER = {"cpu": ("cpu",)}  # device type -> backends "auto" tries before the reference
+BACKENDS = ("reference", "cpu", "triton")  # every backend module
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton",)}  # device type -> backends "auto" tries before the reference
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,17 @@ class Backend:
     name: str
     linear: Callable
     pack_linear: Callable
+    pack_fp8: Callable
     rms_norm: Callable
+    add_rms_norm: Callable
     rope: Callable
     causal_attention: Callable
     store_latent: Callable
     latent_attention: Callable
+    indexer_topk: Callable
+    sparse_latent_attention: Callable
+    index_scores: Callable
+    sink_attention: Callable
     moe: Callable
     pack_experts: Callable
     plan: Callable
@@ -68,6 +78,13 @@ def load(name: str) -> Backend:
         raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
     module = importlib.import_module(f"moela.ops.{name}")
     return Backend(name, **{op: getattr(module, op, getattr(reference, op)) for op in OPS})
+
+
+def quantizes(backend: Backend) -> bool:
+    """Whether the backend runs weight-only int8/int4 weights: its pack_linear and pack_experts take
+    `quantization`, and its linear and moe come from the same module as they (so read what they write)."""
+    pairs = ((backend.pack_linear, backend.linear), (backend.pack_experts, backend.moe))
+    return all("quantization" in inspect.signature(p).parameters and p.__module__ == f.__module__ for p, f in pairs)
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -11,8 +11,8 @@ Prepacked (blocked) weights are read 1.5-2x faster than plain ones by the small-
 steps and expert dispatch. A weight that was not packed (MLA's wkv_b, which the absorbed path slices
 per head; a tied embedding) takes the plain GEMM. The routed experts run one packed GEMM pair per
 expert that has tokens, so each MoE layer reads its per-expert token counts on the host (the one
-host synchronisation of this backend's decode step). rms_norm and rope take fewer ops than the
-reference's (small decode steps are bound by the number of ops). Other ops are the reference's.
+host synchronisation of this backend's decode step). rms_norm, add_rms_norm and rope take fewer ops
+than the reference's (small decode steps are bound by the number of ops). Other ops are the reference's.
 
 Quantized weights keep reference.quantize_weight's codes (so they equal the reference's to the last
 bit) in the layouts of torch's weight-only kernels: int8 codes with bf16 row scales for
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moela.ops.reference import QuantizedWeight, expert_loop, quantize_weight, weight_format
+from moela.ops.reference import QuantizedWeight, expert_loop, quantize_weight, swiglu, weight_format
 
 try:
     LIBC = ctypes.CDLL("libc.so.6")
@@ -168,21 +168,24 @@ def pack_experts(w13: torch.Tensor | list, w2: torch.Tensor | list, quantization
     return [pack_linear(w, quantization) for w in w13], [pack_linear(w, quantization) for w in w2]
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list, w2: list) -> torch.Tensor:
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list, w2: list,
+        limit: float | None = None) -> torch.Tensor:
     """The reference's expert loop; one token (a single sequence decoding) runs its k experts in turn
     and sums them with one [1, k] @ [k, d] matmul, without sorting pairs by expert."""
     if x.shape[0] != 1:
-        return expert_loop(x, weights, indices, w13, w2, linear)
-    outs = []
-    for e in indices[0].tolist():
-        g, u = linear(x, w13[e]).chunk(2, dim=-1)
-        outs.append(linear(F.silu(g) * u, w2[e]))
+        return expert_loop(x, weights, indices, w13, w2, linear, limit)
+    outs = [linear(swiglu(linear(x, w13[e]), limit), w2[e]) for e in indices[0].tolist()]
     return weights.to(x.dtype) @ torch.cat(outs)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """One op (the reference's takes two): the weight is applied before the cast to x's dtype."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + residual
+    return rms_norm(total, weight, eps), total
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
