@@ -67,8 +67,12 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
         return [((q, weights, randn(10, 4, 8, dtype=dtype, seed=3), keys, paged_context(), 3, 0.3), {})]
     if op == "sparse_latent_attention":
         picks = torch.tensor([[0, 7, -1], [2, 9, 5], [10, 1, -1], [0, 4, 8], [3, -1, -1], [1, 4, 0]])  # within each context
+        own = torch.tensor([[0, -1, -1], [1, 0, -1], [2, 0, 1], [3, 1, -1], [0, -1, -1], [1, 0, -1]])  # of prefill([4, 2])
+        fresh = StepContext.prefill([4, 2])
+        fresh.naive_prefill = False
         return [((randn(6, 3, 20, dtype=dtype), randn(10, 4, 20, dtype=dtype, seed=1), randn(6, 20, dtype=dtype, seed=2),
-                  picks, paged_context(), 0.2, 16), {})]
+                  picks, paged_context(), 0.2, 16), {}),
+                ((randn(6, 3, 20, dtype=dtype), None, randn(6, 20, dtype=dtype, seed=2), own, fresh, 0.2, 16), {})]
     if op == "index_scores":
         return [((randn(5, 4, 8, dtype=dtype), randn(5, 4, dtype=torch.float32, seed=1), randn(7, 8, dtype=dtype, seed=2),
                   0.3), {})]
