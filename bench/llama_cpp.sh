@@ -6,7 +6,8 @@
 #   bench/llama_cpp.sh convert BUILD_DIR MODEL_DIR     # MODEL_DIR/model-bf16.gguf, MODEL_DIR/model-q4_0.gguf
 #
 # BUILD_DIR lives outside this repository (no llama.cpp code is ever committed here). PYTHON (default:
-# python3) runs the converter; it needs torch, numpy, safetensors and transformers, as moela's tests do.
+# python3) runs the converter (with llama.cpp's own gguf-py on its path); it needs torch, numpy, safetensors
+# and transformers, as moela's tests do. MODEL_DIR needs a tokenizer.json (bench/quantized.py copies one in).
 set -euo pipefail
 
 VERSION=0.3.36  # llama-cpp-python release whose sdist vendors llama.cpp
@@ -41,7 +42,7 @@ for f in [src / "convert_hf_to_gguf.py", *sorted((src / "conversion").glob("*.py
         f.write_text(new)
         print(f"patched {f}")
 EOF
-    "$PYTHON" "$src/convert_hf_to_gguf.py" "$model" --outtype bf16 --outfile "$model/model-bf16.gguf"
+    PYTHONPATH="$src/gguf-py${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$src/convert_hf_to_gguf.py" "$model" --outtype bf16 --outfile "$model/model-bf16.gguf"
     "$src/build/bin/llama-quantize" "$model/model-bf16.gguf" "$model/model-q4_0.gguf" Q4_0
 else
     echo "unknown command $cmd (build | convert)" >&2

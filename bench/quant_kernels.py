@@ -12,18 +12,15 @@ least disturbed by other processes); GB/s is the weight bytes the kernel reads o
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moela.ops import cpu
+
+import record  # bench/record.py
 
 SHAPES = {  # [out, in]: bench-1b's matrices, then DeepSeek-V2-Lite's
     "bench-1b wq_b": (3072, 384), "bench-1b wo": (1024, 2048), "bench-1b expert w13": (1024, 1024),
@@ -77,6 +74,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    load = os.getloadavg()
     torch.set_num_threads(args.threads)
     cpu.setup()  # the heap settings the engine runs with: dequantized weights reuse freed memory
     shapes = {s: tuple(map(int, s.split("x"))) for s in args.shapes} if args.shapes else SHAPES
@@ -93,13 +91,7 @@ def main() -> None:
             results[label]["ms"][m] = row
             print(f"{m:>5} " + " ".join(f"{row[k]:>15.3f} ({found[k][0] / row[k] / 1e6:>5.1f})" if k in row else f"{'':>24}"
                                         for k in found))
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
-    out = Path(args.out) / f"quant_kernels-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python bench/quant_kernels.py " + " ".join(sys.argv[1:]), "date": date,
-                               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor()}",
-                               "threads": args.threads, "load_average": os.getloadavg(), "results": results}, indent=1))
-    print(f"wrote {out}")
+    record.write(args.out, "quant_kernels", load, {"threads": args.threads, "results": results})
 
 
 if __name__ == "__main__":

@@ -9,14 +9,8 @@ the next-token distributions, both models run by the cpu backend (bf16 activatio
 """
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -26,6 +20,8 @@ from moela.config import DEFAULT_MODEL_DIR
 from moela.loader import load_model
 from moela.models import StepContext
 from moela.train import data
+
+import record  # bench/record.py
 
 FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128")
 
@@ -78,13 +74,8 @@ def main() -> None:
         r["perplexity_vs_bf16"] = r["perplexity"] / results["bf16"]["perplexity"] - 1
         print(f"{fmt:>10} {r['perplexity']:>11.3f} {r['perplexity_vs_bf16']:>+8.2%} {r['mean_kl']:>10.2e} "
               f"{r['weight_bytes'] / 2**20:>12.2f}")
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
-    out = Path(args.out) / f"quant_quality-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python bench/quant_quality.py " + " ".join(sys.argv[1:]), "date": date,
-                               "machine": f"{platform.machine()} {os.cpu_count()} cores", "windows": len(windows),
-                               "tokens": tokens, "wall_s": time.perf_counter() - start, "results": results}, indent=1))
-    print(f"wrote {out}")
+    record.write(args.out, "quant_quality", None, {"windows": len(windows), "tokens": tokens,
+                                                    "wall_s": time.perf_counter() - start, "results": results})
 
 
 if __name__ == "__main__":
