@@ -56,7 +56,7 @@ def run_moela(args: argparse.Namespace) -> dict:
     batches, prompt_len, new_tokens = args.batches, args.prompt_len, args.new_tokens
     llm = LLM(model=Path(args.checkpoint), dtype="bfloat16", max_num_seqs=max(batches), backend=args.backend,
               quantization=args.quantization, max_num_batched_tokens=max(batches) * prompt_len, skip_tokenizer_init=True,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, max_model_len=prompt_len + new_tokens + 16)  # a cache for what it runs, no more
     engine, results = llm.engine, {}
     shape, weight_dtype = shape_from_model_config(engine.model_cfg), (args.quantization or "bf16").split("-")[0]
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
