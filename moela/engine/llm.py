@@ -46,8 +46,14 @@ class LLMEngine:
         self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True)
-        quantize.prepare(self.model, self.backend)
+        quant = cfg.quant_format
+        if quant and not ops.quantizes(self.backend):
+            raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
+                                         "quantized kernels (the cpu and reference backends have)")
+        hook = quantize.OnLoad(self.backend, quant) if quant else None
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True, hook=hook)
+        quantize.prepare(self.model, self.backend, quant)
+        log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
         spec = cfg.speculative_config
         self.speculator = Speculator(spec, self.model, path, self.backend) if spec else None
         specs = self.model.cache_specs() + (self.speculator.cache_specs() if self.speculator else [])
