@@ -199,6 +199,15 @@ def test_grammar_and_logit_bias_requests_decode_undrafted_beside_drafting_ones()
     assert 0 < stats["spec_decode_num_drafts"] <= 24  # only the unconstrained one drafted, at most once a token
 
 
+def test_greedy_identical_with_int8_weights():
+    """A quantized model verifies the drafts of its MTP layer, which stays in the model dtype."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = token_ids(LLM(dtype="float32", quantization="int8").generate(PROMPTS[:2], params))
+    llm = LLM(dtype="float32", quantization="int8", speculative_config=spec(2))
+    assert token_ids(llm.generate(PROMPTS[:2], params)) == plain
+    assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
 def test_engine_stats_and_prometheus_metrics_with_speculation():
     from prometheus_client.parser import text_string_to_metric_families
 
