@@ -413,6 +413,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
+    tensor_parallel_size: int = 1  # ranks the model is split over (docs/distributed.md)
+    enable_expert_parallel: bool = False  # routed experts split by expert over the ranks, not sliced
+    expert_parallel_size: int | None = None  # expert groups (default: every rank with enable_expert_parallel, else 1)
+    expert_placement: str | Path | None = None  # a plan from `moela plan-experts` (default: experts in order)
+    distributed_timeout: float = 600.0  # seconds a collective waits for a stalled rank before failing
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -432,8 +437,18 @@ class EngineConfig:
         except (RuntimeError, TypeError):
             raise ValueError(f"device = {self.device!r} is invalid: use a torch device such as 'cpu' or 'cuda:0'") from None
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+        self._check_parallel()
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+
+    def _check_parallel(self) -> None:
+        n, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tensor_parallel_size = {n!r} is invalid: must be an integer >= 1")
+        if ep is not None and (not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or n % ep):
+            raise ValueError(f"expert_parallel_size = {ep!r} is invalid: must divide tensor_parallel_size = {n}")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout = {self.distributed_timeout!r} is invalid: must be > 0 seconds")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -464,6 +479,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
     add_threads_arg(parser)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over this many ranks, started here (or by torchrun across machines)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="split routed experts by expert over the ranks instead of slicing each one")
+    parser.add_argument("--expert-parallel-size", type=int, default=None,
+                        help="expert groups, each expert sliced within its group (default: every rank with "
+                             "--enable-expert-parallel)")
+    parser.add_argument("--expert-placement", default=None, help="expert placement plan from `moela plan-experts`")
+
+
+def parallel_args(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields of add_engine_args' parallel flags."""
+    return {"tensor_parallel_size": args.tensor_parallel_size, "enable_expert_parallel": args.enable_expert_parallel,
+            "expert_parallel_size": args.expert_parallel_size, "expert_placement": args.expert_placement}
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:

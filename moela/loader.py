@@ -8,7 +8,8 @@ checked and every name and shape matched against the config before a byte of wei
 a bad checkpoint fails with a CheckpointError naming the file and tensor, never half-loaded.
 Dequantized on load: FP8 e4m3 weights with 128x128 block scales (fp32 `weight_scale_inv`, or V4's
 power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0 scales). MTP
-layers are skipped.
+layers are skipped. Under tensor or expert parallelism (`shard`, moela/parallel.py) a rank builds only its
+part of the model and reads only its slices of each tensor.
 """
 
 import json
@@ -24,6 +25,7 @@ from moela.config import ModelConfig
 from moela.errors import CheckpointError
 from moela.models import Transformer, build_model
 from moela.names import LAYER_RE, MTP_NAMES, hf_names, map_name, to_hf, v4_target
+from moela.parallel import Shard
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None) -> Transformer:
+               cfg: ModelConfig | None = None, shard: Shard | None = None) -> Transformer:
+    """The model at path; with a `shard` (moela.parallel), only this rank's part of it, reading only the
+    slices of each tensor the rank keeps (quantized tensors are read whole, dequantized, then sliced)."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -120,16 +124,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
     meta = build_model(cfg, dtype, "meta")
     plan = (_plan_v4 if cfg.v4 else _plan)(cfg, meta, where, headers)  # every check before any allocation
-    model = build_model(cfg, dtype, device)
+    model = build_model(cfg, dtype, "meta" if shard else device)
+    if shard is not None:
+        shard.apply(model)
+        model.to_empty(device=device)
+        model.init_buffers()
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
     files = sorted({f for f, _ in plan.values()})
     with torch.no_grad():
         for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
             for hf_name, (src, target) in plan.items():
-                if src == f:
-                    tensor = _read(hf_name, where, handles, cfg)
-                    _destination(params, target).copy_(tensor)
+                if src != f:
+                    continue
+                pieces = shard.pieces(target, headers[f][hf_name][1]) if shard else [(target, ())]
+                for local, index in pieces:
+                    _destination(params, local).copy_(_read(hf_name, where, handles, cfg, index))
     return model.eval()
 
 
@@ -210,20 +220,23 @@ def _scale_name(name: str, where: dict) -> str | None:
     return next((s for s in (name + "_scale_inv", name.removesuffix(".weight") + ".scale") if s in where), None)
 
 
-def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig) -> torch.Tensor:
-    def get(name: str) -> torch.Tensor:
-        f = where[name]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name)
+def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig, index: tuple = ()) -> torch.Tensor:
+    """The tensor, dequantized; with an index, only tensor[index] (read alone unless the tensor is quantized)."""
+    def handle(name: str):
+        if where[name] not in handles:
+            handles[where[name]] = safe_open(str(where[name]), framework="pt")
+        return handles[where[name]]
 
-    tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
+    scale = _scale_name(hf_name, where)
+    if index and scale is None:
+        return handle(hf_name).get_slice(hf_name)[index]
+    tensor, what = handle(hf_name).get_tensor(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:
         block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
-        tensor = dequantize_fp8(tensor, get(_scale_name(hf_name, where)), block, what)
-    elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and _scale_name(hf_name, where):
-        tensor = dequantize_fp4(tensor, get(_scale_name(hf_name, where)), what)
-    return tensor
+        tensor = dequantize_fp8(tensor, handle(scale).get_tensor(scale), block, what)
+    elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and scale:
+        tensor = dequantize_fp4(tensor, handle(scale).get_tensor(scale), what)
+    return tensor[index]
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: int = 32) -> torch.Tensor:

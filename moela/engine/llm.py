@@ -23,6 +23,7 @@ from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.outputs import RequestOutput, make_output, postprocess
+from moela.engine.ranks import Ranks, follow_forever, is_follower
 from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
 from moela.engine.scheduler import Scheduler
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None):
         path = model_dir(cfg.model)
+        self.ranks = Ranks.start(cfg) if cfg.tensor_parallel_size > 1 else None  # docs/distributed.md
+        cfg = self.ranks.local_config(cfg) if self.ranks else cfg
         self.threads = threads.apply(cfg.threads)
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
         self.max_model_len = cfg.check_model(self.model_cfg)
@@ -43,8 +46,13 @@ class LLMEngine:
         self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
+        shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, shard=shard)
+        if model is not None and shard:
+            shard.apply(model)
         quantize.prepare(self.model, self.backend)
+        if shard:
+            shard.bind(self.model)
         self.layout = layout = CacheLayout.fit(self.model.cache_specs(), dtype, cfg.block_size)
         if layout.block_size != cfg.block_size:
             log.info("block_size %d -> %d: this model's compressed caches keep one entry per %d tokens", cfg.block_size,
@@ -53,6 +61,8 @@ class LLMEngine:
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
         budget = self._cache_budget(cfg, layout)
         num_blocks = layout.num_blocks(budget, num_slots)
+        if self.ranks:
+            num_blocks = self.ranks.agree(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory = {budget} bytes holds no {layout.block_size}-token block "
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
@@ -73,6 +83,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        if self.ranks:
+            self.ranks.lead(self)
 
     def _cache_budget(self, cfg: EngineConfig, layout: CacheLayout) -> int:
         """kv_cache_memory, or max_num_seqs whole contexts in whole blocks, at most 1/4 of the device's memory."""
@@ -201,6 +213,11 @@ class LLMEngine:
         """Tokens routed to each expert since start-up, per MoE layer."""
         return {i: layer.ffn.experts.load.tolist() for i, layer in enumerate(self.model.layers) if hasattr(layer.ffn, "experts")}
 
+    def close(self) -> None:
+        """Stop the other ranks of a parallel engine (also done when the engine is collected or at exit)."""
+        if self.ranks:
+            self.ranks.shutdown()
+
     def stats(self) -> dict:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": self.blocks.usage(),
@@ -212,7 +229,11 @@ class LLM:
     """vLLM-style offline API over one LLMEngine."""
 
     def __init__(self, model: str | Path | None = None, **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        cfg = EngineConfig(model=model, **kwargs)
+        if is_follower(cfg):  # under torchrun, ranks > 0 follow rank 0 and exit with it
+            follow_forever(cfg)
+            raise SystemExit(0)
+        self.engine = LLMEngine(cfg)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
