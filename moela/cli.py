@@ -1,4 +1,4 @@
-"""The `moela` command: generate | bench | cost | train.
+"""The `moela` command: generate | bench | cost | train | serve | plan-experts.
 
     moela generate "def fibonacci(n):"                   # the embedded default model
     moela generate --model DIR --chat --max-tokens 64 "Hello"
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         from moela.train.cli import main as train_main
         return train_main(argv[1:])
+    if argv and argv[0] == "plan-experts":
+        from moela.placement_cli import main as plan_main
+        return plan_main(argv[1:])
     if argv and argv[0] == "serve":
         from moela.server.cli import main as serve_main
         return serve_main(argv[1:])
@@ -60,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a model (moela train --help)")
     sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
     sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
+    sub.add_parser("plan-experts", help="expert placement for expert parallelism from recorded load (moela plan-experts --help)")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes",
                          formatter_class=HelpFormatter)
     gen.add_argument("prompt", help="the text to continue (or, with --chat, the user's message)")

@@ -114,11 +114,11 @@ def pack(load: list[float], counts: list[int], n_ranks: int) -> list[list[int]]:
 
 def plan_placement(load: dict[int, list[float]], n_experts: int, n_ranks: int, n_redundant: int = 0) -> Placement:
     """A placement of every MoE layer's experts plus `n_redundant` extra copies onto `n_ranks` ranks."""
+    if n_redundant < 0 or n_ranks < 1:
+        raise ConfigError(f"ranks must be >= 1 and redundant copies >= 0 (got {n_ranks} and {n_redundant})")
     if (n_experts + n_redundant) % n_ranks:
         raise ConfigError(f"{n_experts} experts + {n_redundant} redundant copies do not fill {n_ranks} ranks "
                           f"equally: make the sum a multiple of {n_ranks}")
-    if n_redundant < 0 or n_ranks < 1:
-        raise ConfigError(f"--ranks must be >= 1 and --redundant >= 0 (got {n_ranks} and {n_redundant})")
     slots = {}
     for layer, counts in load.items():
         if len(counts) != n_experts:
