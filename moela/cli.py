@@ -83,16 +83,20 @@ def parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moela.config import EngineConfig, ModelConfig, model_dir
+    from moela.config import EngineConfig, ModelConfig, model_dir, parallel_args
     from moela.engine.llm import LLMEngine
+    from moela.engine.ranks import follow_forever, is_follower
     from moela.engine.sampler import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     path = model_dir(args.model)
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                       max_num_seqs=1)
+                       max_num_seqs=1, **parallel_args(args))
     cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before anything else is read
+    if is_follower(cfg):  # under torchrun: ranks > 0 run rank 0's steps
+        follow_forever(cfg)
+        return 0
     engine = LLMEngine(cfg)
     tok = engine.tokenizer
     if args.chat:
@@ -117,6 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
     decode = f", decode {(n - 1) / m.decode_time:.1f} tokens/s" if n > 1 and m.decode_time else ""
     print(f"[{n} tokens in {time.perf_counter() - start:.2f}s, first token after {m.time_to_first_token:.2f}s{decode};"
           f" prompt {len(prompt)} tokens; {torch.get_num_threads()} CPU threads]", file=sys.stderr)
+    engine.close()
     return 0
 
 

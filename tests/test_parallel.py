@@ -223,3 +223,14 @@ def test_followers_exit_with_a_clear_error_when_rank_zero_dies(hf_checkpoint, tm
     follower = Path(f"/proc/{proc.stdout.split()[-1]}/status")  # run() returned: the follower closed its stderr
     assert not follower.exists() or "zombie" in follower.read_text()
     assert "lost contact with the other ranks" in proc.stderr and "exiting" in proc.stderr
+
+
+def test_generate_command_starts_its_ranks_and_prints_what_one_process_does(text_model, capsys):
+    from moela.cli import main
+
+    argv = ["generate", "--model", str(text_model), "--temperature", "0", "--max-tokens", "8", "--dtype", "float32",
+            "--threads", "1", "def fibonacci(n):"]
+    assert main(argv) == 0
+    single = capsys.readouterr().out
+    assert main(argv + ["--tensor-parallel-size", "2", "--enable-expert-parallel"]) == 0
+    assert capsys.readouterr().out == single and not dist.is_initialized()

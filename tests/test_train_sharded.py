@@ -78,3 +78,15 @@ def test_fsdp2_with_expert_parallelism_matches_one_process(tmp_path):
         saved = load_file(str(tmp_path / comm / "model.safetensors"))
         assert saved.keys() == single.keys()
         assert all(torch.allclose(saved[k].float(), single[k].float(), atol=1e-5) for k in single), comm
+
+
+def test_auto_picks_the_pattern_that_moves_fewer_bytes():
+    from moela.cost.catalog import load_model
+    from moela.cost.formulas import alltoall_bytes_per_token
+    from moela.train.sharded import pick_moe_comm
+
+    v3 = load_model("v3").shape  # top-8
+    for world in (2, 8, 16, 64):
+        gather_bytes = 2 * (world - 1) * v3.hidden_size * 2  # every other rank gets the row, and its sum comes back
+        fewer = "allgather" if gather_bytes <= alltoall_bytes_per_token(v3, world, "bf16") else "alltoall"
+        assert pick_moe_comm(world, 8) == fewer

@@ -74,8 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-prompt", default="def fibonacci(n):", help="prompt of the greedy sample in the model card")
     p.add_argument("--expert-parallel", action="store_true",
                    help="under torchrun: shard weights with FSDP2 and split the routed experts by expert over the ranks")
-    p.add_argument("--moe-comm", choices=("allgather", "alltoall"), default="allgather",
-                   help="with --expert-parallel: how tokens reach their experts (docs/distributed.md)")
+    p.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall"), default="auto",
+                   help="with --expert-parallel: how tokens reach their experts; auto moves fewer bytes (docs/distributed.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to train on")
     p.add_argument("--threads", type=threads.argument, default="auto",
                    help="CPU threads: a number, or auto (the cores free now, fewer when another process takes one)")

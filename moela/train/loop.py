@@ -58,7 +58,7 @@ class TrainConfig:
     mtp_weight: float = 0.3  # lambda of the MTP loss
     init_std: float = 0.02
     expert_parallel: bool = False  # under torchrun: FSDP2 + routed experts split by expert over the ranks
-    moe_comm: str = "allgather"  # how tokens reach their experts then: "allgather" or "alltoall"
+    moe_comm: str = "auto"  # how tokens reach their experts then: "allgather", "alltoall" or "auto" (fewer bytes)
 
 
 class LanguageModel(nn.Module):
@@ -291,7 +291,7 @@ def check_run(cfg: ModelConfig, tc: TrainConfig) -> None:
         raise ConfigError(f"sequence length {tc.seq_len} must be at least 2")
     if cfg.num_nextn_predict_layers > 1:
         raise ConfigError(f"field 'num_nextn_predict_layers' = {cfg.num_nextn_predict_layers}: only one MTP module is supported")
-    if tc.moe_comm not in MOE_COMM:
-        raise ConfigError(f"moe_comm {tc.moe_comm!r}: expected one of {', '.join(MOE_COMM)}")
+    if tc.moe_comm not in ("auto", *MOE_COMM):
+        raise ConfigError(f"moe_comm {tc.moe_comm!r}: expected auto, {' or '.join(MOE_COMM)}")
     if tc.optimizer not in ("adamw", "muon") or tc.precision not in ("bf16", "fp32"):
         raise ConfigError(f"optimizer {tc.optimizer!r} / precision {tc.precision!r}: expected adamw|muon and bf16|fp32")

@@ -2,7 +2,7 @@
 by FSDP2 (fully_shard per block, then the whole model), and the routed experts are split by expert over the
 ranks (moela/parallel.py, data_parallel=True), each rank's tokens travelling to them and back.
 
-    shard = shard_model(net, cfg, moe_comm="allgather")      # in Trainer, when TrainConfig.expert_parallel
+    shard = shard_model(net, cfg, moe_comm="auto")           # in Trainer, when TrainConfig.expert_parallel
     loss.backward(); finish_grads(net, world)                # expert grads averaged like FSDP's
     norm = clip_grad_norm(net.parameters(), 1.0)             # one norm over FSDP shards and local experts
     state = full_state(net)                                  # on every rank; whole tensors, for saving
@@ -27,9 +27,11 @@ def expert_params(net: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in net.named_parameters() if n.endswith(("ffn.experts.w13", "ffn.experts.w2"))}
 
 
-def shard_model(net: nn.Module, cfg: ModelConfig, moe_comm: str = "allgather") -> Shard:
+def shard_model(net: nn.Module, cfg: ModelConfig, moe_comm: str = "auto") -> Shard:
     """Split `net` (initialized alike on every rank) in place: experts by expert, the rest by FSDP2."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    if moe_comm == "auto":
+        moe_comm = pick_moe_comm(world, cfg.num_experts_per_tok)
     shard = Shard(Mesh(rank, world, ep=world, data_parallel=True, moe_comm=moe_comm), cfg)
     shard.apply(net)
     shard.bind(net)
@@ -39,6 +41,14 @@ def shard_model(net: nn.Module, cfg: ModelConfig, moe_comm: str = "allgather") -
     fully_shard(net, ignored_params=local)
     register_fsdp_forward_method(net, "nll")
     return shard
+
+
+def pick_moe_comm(world: int, top_k: int) -> str:
+    """The pattern that moves fewer bytes per token: all-gather + reduce-scatter sends a token's row to
+    every other rank and its sum back, 2 (N - 1) rows; all-to-all sends it to each of its top_k experts
+    and back, 2 k (N - 1) / N rows (moela.cost.formulas.alltoall_bytes_per_token). All-to-all wins past
+    N = k ranks; at or below, all-gather's two plain collectives do (no counts to exchange first)."""
+    return "allgather" if world <= top_k else "alltoall"
 
 
 def finish_grads(net: nn.Module, world: int) -> None:
