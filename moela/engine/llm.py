@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None):
         path = model_dir(cfg.model)
+        if model is not None and cfg.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 loads each rank's slices from a model directory, not a built model")
         self.ranks = Ranks.start(cfg) if cfg.tensor_parallel_size > 1 else None  # docs/distributed.md
         cfg = self.ranks.local_config(cfg) if self.ranks else cfg
         self.threads = threads.apply(cfg.threads)
@@ -48,8 +50,6 @@ class LLMEngine:
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
         shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
         self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, shard=shard)
-        if model is not None and shard:
-            shard.apply(model)
         quantize.prepare(self.model, self.backend)
         if shard:
             shard.bind(self.model)

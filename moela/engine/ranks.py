@@ -15,8 +15,9 @@ connections, so its peers' next collective fails and they exit with a RankError;
 fails them after the timeout.
 """
 
-import logging
+import ctypes
 import os
+import signal
 import socket
 import sys
 import weakref
@@ -32,7 +33,6 @@ from moela.models import StepContext
 from moela.parallel import Mesh, RankError, Shard, reason
 from moela.placement import Placement
 
-log = logging.getLogger(__name__)
 DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 IDLE = timedelta(days=30)  # how long followers wait for rank 0's next step
 STEP_TENSORS = ("positions", "slot_mapping", "block_tables", "seq_slots")
@@ -57,7 +57,7 @@ class Ranks:
                                 "ranks (torchrun's --nnodes x --nproc-per-node must equal it)")
             return cls(dist.get_rank(), n, int(os.environ.get("LOCAL_WORLD_SIZE", n)), owned="RANK" in os.environ)
         port, spawn = free_port(), mp.get_context("spawn")
-        procs = [spawn.Process(target=_spawned, args=(rank, cfg, port), daemon=True, name=f"moela-rank-{rank}")
+        procs = [spawn.Process(target=_spawned, args=(rank, cfg, port, os.getpid()), daemon=True, name=f"moela-rank-{rank}")
                  for rank in range(1, n)]
         for p in procs:
             p.start()
@@ -162,8 +162,9 @@ def follow_forever(cfg: EngineConfig) -> None:
         engine.ranks.shutdown()
 
 
-def _spawned(rank: int, cfg: EngineConfig, port: int) -> None:
+def _spawned(rank: int, cfg: EngineConfig, port: int, parent: int) -> None:
     """A local rank started by rank 0."""
+    exit_with_parent(parent)
     try:
         init(cfg, rank, port)
         follow_forever(cfg)
@@ -173,3 +174,15 @@ def _spawned(rank: int, cfg: EngineConfig, port: int) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel end this process when the thread that spawned it ends (Linux): a spawned rank may be
+    waiting on rank 0 where no error reaches it (joining the process group, loading)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the collectives' errors and timeouts remain
+        return
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
