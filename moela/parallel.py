@@ -59,8 +59,10 @@ class Mesh:
     moe_comm: str = "allgather"  # training only: how pairs reach their experts, one of MOE_COMM
 
     def __post_init__(self) -> None:
-        if self.world < 1 or self.ep < 1 or self.world % self.ep or not 0 <= self.rank < self.world:
+        if self.world < 1 or self.ep < 1 or self.world % self.ep:
             raise ConfigError(f"expert_parallel_size = {self.ep} must divide the {self.world} ranks")
+        if not 0 <= self.rank < self.world:
+            raise ConfigError(f"rank {self.rank} is outside the {self.world} ranks")
         if self.data_parallel and self.ep != self.world:
             raise ConfigError(f"data-parallel training splits experts over all {self.world} ranks, not {self.ep}")
         if self.moe_comm not in MOE_COMM:
@@ -101,6 +103,9 @@ class Route:
 
 
 class Shard:
+    """One rank's part of a model: which slice of each weight it keeps (split, local, pieces) and how the
+    ranks' shares meet (apply: the all-reduces; bind: the routed experts' pairs)."""
+
     def __init__(self, mesh: Mesh, cfg: ModelConfig, placement: Placement | None = None):
         check_model(cfg, mesh)
         self.mesh, self.cfg = mesh, cfg

@@ -51,14 +51,6 @@ def _worker(rank: int, port: int, root: Path, results) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fsdp2_with_expert_parallelism_matches_one_process(tmp_path):
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), free_port()
