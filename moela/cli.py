@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     path = model_dir(args.model)
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                       max_num_seqs=1, **parallel_args(args))
+                       cuda_graphs=args.cuda_graphs, max_num_seqs=1, **parallel_args(args))
     cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before anything else is read
     if is_follower(cfg):  # under torchrun: ranks > 0 run rank 0's steps
         follow_forever(cfg)

@@ -418,6 +418,7 @@ class EngineConfig:
     expert_parallel_size: int | None = None  # expert groups (default: every rank with enable_expert_parallel, else 1)
     expert_placement: str | Path | None = None  # a plan from `moela plan-experts` (default: experts in order)
     distributed_timeout: float = 600.0  # seconds a collective waits for a stalled rank before failing
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -436,6 +437,8 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device = {self.device!r} is invalid: use a torch device such as 'cpu' or 'cuda:0'") from None
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs = True needs a CUDA device, not device = {self.device!r}")
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
         self._check_parallel()
         if self.kv_cache_memory is not None:
@@ -447,6 +450,9 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size = {n!r} is invalid: must be an integer >= 1")
         if ep is not None and (not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or n % ep):
             raise ValueError(f"expert_parallel_size = {ep!r} is invalid: must divide tensor_parallel_size = {n}")
+        if self.cuda_graphs and n > 1:
+            raise ValueError(f"cuda_graphs = True needs tensor_parallel_size = 1, not {n}: the other ranks follow rank 0's "
+                             "eager forwards, which a graph replay skips")
         if not self.distributed_timeout > 0:
             raise ValueError(f"distributed_timeout = {self.distributed_timeout!r} is invalid: must be > 0 seconds")
 
@@ -478,6 +484,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
     add_threads_arg(parser)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many ranks, started here (or by torchrun across machines)")

@@ -3,6 +3,7 @@ the ranks' shares add up to the whole, greedy outputs on 2 and 4 gloo ranks equa
 rank that dies makes the others fail fast instead of hanging."""
 
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -71,8 +72,8 @@ def test_each_rank_loads_its_slices_and_reads_no_other_expert(hf_checkpoint, tmp
     placement = skewed_plan(ep, 2) if plan else None
     reads = []  # (tensor name, index read)
     original = sys.modules["moela.loader"]._read
-    monkeypatch.setattr("moela.loader._read", lambda name, where, handles, c, index=(): reads.append((name, index))
-                        or original(name, where, handles, c, index))
+    monkeypatch.setattr("moela.loader._read", lambda name, where, handles, c, index=(), **kw: reads.append((name, index))
+                        or original(name, where, handles, c, index, **kw))
     for checkpoint in (path, fused_copy(path, tmp_path / "fused")):
         for rank in range(world):
             shard = Shard(Mesh(rank, world, ep), cfg, placement)
@@ -123,6 +124,8 @@ def test_bad_layouts_are_refused_with_the_reason():
         Shard(Mesh(0, 2), ModelConfig.from_dict({**VARIANTS["v4"][1], "model_type": "deepseek_v4"}))
     with pytest.raises(ValueError, match="expert_parallel_size = 3 is invalid: must divide tensor_parallel_size = 4"):
         EngineConfig(tensor_parallel_size=4, expert_parallel_size=3)
+    with pytest.raises(ValueError, match="cuda_graphs = True needs tensor_parallel_size = 1, not 2"):
+        EngineConfig(device="cuda", cuda_graphs=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size = 0 is invalid"):
         EngineConfig(tensor_parallel_size=0)
 
@@ -153,17 +156,34 @@ def _group_worker(rank: int, world: int, port: int, cases: list, results) -> Non
         dist.destroy_process_group()
 
 
-def run_group(world: int, cases: list) -> list:
+def run_ranks(target, world: int, args: tuple, n_results: int) -> list:
+    """Spawn `world` ranks running target(rank, world, port, *args, results) and collect n_results results.
+    A rank that fails ends the wait at once, and ranks still running at the end are killed: nothing hangs."""
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_group_worker, args=(r, world, port, cases, results)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, results)) for r in range(world)]
     for p in procs:
         p.start()
-    out = [results.get(timeout=300) for _ in cases]
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * world
-    return out
+    try:
+        out, deadline = [], time.monotonic() + 300
+        while len(out) < n_results:
+            try:
+                out.append(results.get(timeout=1))
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not failed and time.monotonic() < deadline, f"ranks exited with {failed}, {len(out)} results"
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * world
+        return out
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
+def run_group(world: int, cases: list) -> list:
+    return run_ranks(_group_worker, world, (cases,), len(cases))
 
 
 def single_process(path: Path, **kwargs) -> tuple[list, dict]:

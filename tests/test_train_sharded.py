@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from moela.engine.ranks import free_port
 from moela.errors import ConfigError
 from moela.train.loop import Trainer, TrainConfig
+from test_parallel import run_ranks
 from test_train import ARCH, FAST
 
 STEPS = 2
@@ -38,9 +37,9 @@ def run(out: Path, **kwargs) -> tuple[list, float]:
     return history, heldout
 
 
-def _worker(rank: int, port: int, root: Path, results) -> None:
+def _worker(rank: int, world: int, port: int, root: Path, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
         for comm in ("allgather", "alltoall"):
@@ -52,15 +51,7 @@ def _worker(rank: int, port: int, root: Path, results) -> None:
 
 
 def test_fsdp2_with_expert_parallelism_matches_one_process(tmp_path):
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, tmp_path, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    sharded = dict(results.get(timeout=300) for _ in range(2))
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    sharded = dict(run_ranks(_worker, 2, (tmp_path,), 2))
     history, heldout = run(tmp_path / "single")
     single = load_file(str(tmp_path / "single" / "model.safetensors"))
     for comm, (h, e) in sharded.items():

@@ -22,6 +22,7 @@ import torch
 from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
+from moela.engine.graphs import graph_sizes
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.ranks import Ranks, follow_forever, is_follower
 from moela.engine.runner import Runner
@@ -49,7 +50,8 @@ class LLMEngine:
         dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
         self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
         shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, shard=shard)
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True,
+                                         shard=shard)
         quantize.prepare(self.model, self.backend)
         if shard:
             shard.bind(self.model)
@@ -77,7 +79,12 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+        graphs = cfg.cuda_graphs and not num_slots
+        if cfg.cuda_graphs and not graphs:
+            log.info("CUDA graphs are off: this model keeps per-sequence state that padding rows would need too")
+        self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
+        if graphs:
+            self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}

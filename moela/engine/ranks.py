@@ -15,11 +15,11 @@ connections, so its peers' next collective fails and they exit with a RankError;
 fails them after the timeout.
 """
 
-import ctypes
 import os
-import signal
 import socket
 import sys
+import threading
+import time
 import weakref
 from dataclasses import replace
 from datetime import timedelta
@@ -164,7 +164,7 @@ def follow_forever(cfg: EngineConfig) -> None:
 
 def _spawned(rank: int, cfg: EngineConfig, port: int, parent: int) -> None:
     """A local rank started by rank 0."""
-    exit_with_parent(parent)
+    exit_with_parent(rank, parent)
     try:
         init(cfg, rank, port)
         follow_forever(cfg)
@@ -176,13 +176,14 @@ def _spawned(rank: int, cfg: EngineConfig, port: int, parent: int) -> None:
             dist.destroy_process_group()
 
 
-
-def exit_with_parent(parent: int) -> None:
-    """Have the kernel end this process when the thread that spawned it ends (Linux): a spawned rank may be
+def exit_with_parent(rank: int, parent: int) -> None:
+    """End this process, saying why, within a second of rank 0's process ending: a spawned rank may be
     waiting on rank 0 where no error reaches it (joining the process group, loading)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the collectives' errors and timeouts remain
-        return
-    if os.getppid() != parent:  # it ended before the line above
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"moela: rank {rank}: lost contact with the other ranks (rank 0, pid {parent}, exited); exiting",
+              file=sys.stderr, flush=True)
         os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="moela-rank-0-watch").start()

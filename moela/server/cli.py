@@ -107,8 +107,8 @@ def engine_config(args: argparse.Namespace):
     from moela.config import EngineConfig, model_dir, parallel_args
 
     return EngineConfig(model=model_dir(args.model), dtype=args.dtype, device=args.device, backend=args.backend,
-                        threads=args.threads, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-                        max_num_seqs=args.max_num_seqs, **parallel_args(args))
+                        threads=args.threads, cuda_graphs=args.cuda_graphs, max_model_len=args.max_model_len,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, **parallel_args(args))
 
 
 def follows(args: argparse.Namespace) -> bool:
