@@ -11,7 +11,8 @@ power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0
 keep_fp8 (the engine's choice), FP8 projection and expert weights stay e4m3 with their scales beside
 them, for quantize.prepare to hand to the backend's pack_fp8 (which keeps or dequantizes them). MTP
 layers are skipped. Under tensor or expert parallelism (`shard`, moela/parallel.py) a rank builds only its
-part of the model and reads only its slices of each tensor (FP8 ones are read whole and dequantized).
+part of the model and reads only its slices of each tensor (quantized ones are read whole, then cut; FP8
+weights stay FP8 where the cut falls between scale blocks).
 """
 
 import json
@@ -118,7 +119,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                cfg: ModelConfig | None = None, keep_fp8: bool = False, shard: Shard | None = None) -> Transformer:
     """The model at path; with a `shard` (moela.parallel), only this rank's part of it, reading only the
-    slices of each tensor the rank keeps (quantized tensors are read whole, dequantized, then sliced)."""
+    slices of each tensor the rank keeps (quantized tensors are read whole, then cut)."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -130,7 +131,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     plan = (_plan_v4 if cfg.v4 else _plan)(cfg, model, where, headers)  # every check before any allocation
     if shard is not None:
         shard.apply(model)  # this rank's part, still on meta
-    kept = _fp8_params(cfg, model, plan, headers) if keep_fp8 and shard is None else {}
+    kept = _fp8_params(cfg, model, plan, headers, shard) if keep_fp8 else {}
     _materialize(model, kept, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
@@ -148,13 +149,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     return model.eval()
 
 
-def _fp8_params(cfg: ModelConfig, model: Transformer, plan: dict, headers: dict) -> dict[str, tuple[int, ...]]:
+def _fp8_params(cfg: ModelConfig, model: Transformer, plan: dict, headers: dict,
+                shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
     """{parameter: its scales' shape} for the projection and expert weights read wholly from FP8 tensors
-    whose scale blocks do not straddle a fused gate/up boundary."""
+    whose scale blocks do not straddle a fused gate/up boundary (nor, with a shard, this rank's cut)."""
     bo, bi = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     sources: dict[str, list] = {}
-    for hf_name, (f, (name, _, half)) in plan.items():
-        sources.setdefault(name, []).append((headers[f][hf_name][0], half))
+    for hf_name, (f, target) in plan.items():
+        dtype, shape = headers[f][hf_name]
+        for (name, _, half), index in shard.pieces(target, shape) if shard else [(target, ())]:
+            cut = _scale_index(index, shape, (bo, bi))
+            sources.setdefault(name, []).append((dtype if cut is not None else "cut", half))
     kept = {}
     for name, srcs in sources.items():
         owner, attr = name.rsplit(".", 1)
@@ -274,11 +279,25 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig,
         scale_inv = handle(scale).get_tensor(scale)
         check_fp8_scales(tensor, scale_inv, block, what)
         if keep_fp8:
-            return tensor, scale_inv
+            return tensor[index], scale_inv[_scale_index(index, tensor.shape, block)]
         tensor = reference.pack_fp8(tensor, scale_inv, block, torch.float32)
     elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and scale:
         tensor = dequantize_fp4(tensor, handle(scale).get_tensor(scale), what)
     return tensor[index], None
+
+
+def _scale_index(index: tuple, shape: list[int], block: tuple[int, int]) -> tuple | None:
+    """The index of an FP8 matrix's block scales that matches `index` into the matrix ([..., out, in]), or
+    None when a cut falls inside a block."""
+    lead = sum(isinstance(i, int) for i in index)
+    out = list(index[:lead])
+    for dim, cut in enumerate(index[lead:], lead):
+        b = block[dim - len(shape) + 2]
+        start, stop, _ = cut.indices(shape[dim])
+        if start % b or (stop % b and stop != shape[dim]):
+            return None
+        out.append(slice(start // b, -(-stop // b)))
+    return tuple(out)
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: int = 32) -> torch.Tensor:

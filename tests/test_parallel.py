@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from conftest import BASE, VARIANTS
+from conftest import BASE, VARIANTS, build_hf, quantize_checkpoint
 from moela import LLM, SamplingParams
 from moela.config import EngineConfig, ModelConfig
 from moela.engine.llm import LLMEngine
@@ -87,6 +87,27 @@ def test_each_rank_loads_its_slices_and_reads_no_other_expert(hf_checkpoint, tmp
                 expert = int(parts[5]) if parts[5].isdigit() else index[0]  # stacked: the expert's rows alone
                 assert expert in shard.slots(f"layers.{parts[2]}.ffn.experts.w13"), (rank, name, index)
     assert part.layers[0].attn.n_heads == 4 // world
+
+
+@pytest.mark.parametrize("world,ep", [(2, 1), (2, 2)])
+def test_fp8_weights_stay_fp8_where_a_rank_cuts_between_scale_blocks(tmp_path, world, ep):
+    """16x16 blocks: w13 halves (32 and 64 rows) and w2 columns cut into 16s stay e4m3 with their scales' rows;
+    wkv_b (56 rows a rank) and wo (24 columns) cut inside a block, so they are dequantized first."""
+    build_hf("v3", seed=5, num_hidden_layers=2, moe_intermediate_size=32, intermediate_size=64).save_pretrained(tmp_path)
+    quantize_checkpoint(tmp_path, (16, 16))
+    full = dict(load_model(tmp_path, torch.float32).named_parameters())
+    for rank in range(world):
+        shard = Shard(Mesh(rank, world, ep), ModelConfig.from_pretrained(tmp_path))
+        part = load_model(tmp_path, torch.float32, keep_fp8=True, shard=shard)
+        fp8 = {n for n, p in part.named_parameters() if p.dtype == torch.float8_e4m3fn}
+        assert {"layers.1.ffn.experts.w13", "layers.1.ffn.experts.w2", "layers.0.ffn.w13.weight",
+                "layers.1.attn.wq_b.weight"} <= fp8 and not {"layers.1.attn.wkv_b.weight", "layers.1.attn.wo.weight"} & fp8
+        for name, p in part.named_parameters():
+            owner, attr = name.rsplit(".", 1)
+            got = reference.pack_fp8(p, getattr(part.get_submodule(owner), attr + "_scale_inv"), (16, 16),
+                                     torch.float32) if name in fp8 else p
+            want = shard.local(name, full[name].detach())
+            assert torch.equal(got, full[name] if want is None else want), (rank, name)
 
 
 @pytest.mark.parametrize("world,ep", [(2, 1), (2, 2), (4, 2), (4, 4)])
@@ -191,10 +212,12 @@ def single_process(path: Path, **kwargs) -> tuple[list, dict]:
     return greedy(engine), engine.expert_load()
 
 
-def test_two_ranks_tp_and_ep_match_one_process_on_v2_v3_and_v32(hf_checkpoint):
+def test_two_ranks_tp_and_ep_match_one_process_on_v2_v3_v32_and_fp8(hf_checkpoint, tmp_path):
+    build_hf("v3", seed=5, num_hidden_layers=2, moe_intermediate_size=32, intermediate_size=64).save_pretrained(tmp_path)
+    quantize_checkpoint(tmp_path, (16, 16))  # each rank keeps its FP8 slices, then the backend dequantizes them
     cases = [(hf_checkpoint(v)[0], kw) for v in ("v3", "v2", "v32")
              for kw in ({}, {"enable_expert_parallel": True})]
-    cases.append((hf_checkpoint("v2_lite")[0], {"enable_expert_parallel": True}))
+    cases += [(hf_checkpoint("v2_lite")[0], {"enable_expert_parallel": True}), (tmp_path, {})]
     for path, kwargs, tokens, load in run_group(2, cases):
         want_tokens, want_load = single_process(Path(path))
         assert tokens == want_tokens, (path, kwargs)
