@@ -32,7 +32,8 @@ from moela.placement import Placement, plan_placement
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = [[5, 9, 22, 17, 3], [7, 8, 100, 4, 4, 6, 2, 9, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48, 3, 3, 9], [12, 2]]
-ENGINE = dict(dtype="float32", skip_tokenizer_init=True, block_size=8, max_num_batched_tokens=16)  # chunked prefill
+# chunked prefill; a stalled rank fails the others in a minute, not the default ten
+ENGINE = dict(dtype="float32", skip_tokenizer_init=True, block_size=8, max_num_batched_tokens=16, distributed_timeout=60)
 REPO = Path(__file__).parent.parent
 
 
