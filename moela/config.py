@@ -36,6 +36,11 @@ DTYPE_TABLE: dict[str, tuple[torch.dtype | None, float]] = {
     "bf16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "fp32": (torch.float32, 4),
     "fp8": (torch.float8_e4m3fn, 1), "int8": (torch.int8, 1), "int4": (None, 0.5)}
 DTYPES = {name: dtype for name, (dtype, _) in list(DTYPE_TABLE.items())[:6]}
+# Weight-only quantization (LLM(quantization=...), --quantization): name -> format of
+# moela.ops.reference.QUANT_FORMATS. int8: one scale per output channel; int4: a scale and a zero
+# point per group of input channels.
+QUANTIZATIONS = {"int8": "int8", "int4": "int4-g128", "int4-g32": "int4-g32", "int4-g64": "int4-g64",
+                 "int4-g128": "int4-g128"}
 DTYPE_BYTES = {name: float(size) for name, (_, size) in DTYPE_TABLE.items()}
 
 # Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
@@ -419,6 +424,7 @@ class EngineConfig:
     expert_placement: str | Path | None = None  # a plan from `moela plan-experts` (default: experts in order)
     distributed_timeout: float = 600.0  # seconds a collective waits for a stalled rank before failing
     cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
+    quantization: str | None = None  # weight-only: a key of QUANTIZATIONS ("int8", "int4", ...); None: the model dtype
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -429,6 +435,8 @@ class EngineConfig:
             raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization = {self.quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATIONS)}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -460,6 +468,11 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def quant_format(self) -> str | None:
+        """The weight format quantization names (moela.ops.reference.QUANT_FORMATS), or None."""
+        return QUANTIZATIONS[self.quantization] if self.quantization else None
+
     def check_model(self, model: "ModelConfig") -> int:
         """The context length this engine serves the model at: max_model_len, never past the positions
         the model was built for."""
@@ -486,6 +499,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="kernels: auto picks the fastest for the device and dtype")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="weight-only quantization, done as the checkpoint loads: int8 (per output channel) or int4 "
+                             f"(zero points per group of inputs; int4 = {QUANTIZATIONS['int4']})")
     add_threads_arg(parser)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many ranks, started here (or by torchrun across machines)")

@@ -40,6 +40,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "U8": torch.uint8, "BOOL": torch.bool}
 PACKED = ("F4", "I8", "U8")  # how FP4 experts come: two e2m1 values per byte (F4 counts values, I8/U8 bytes)
 MAX_HEADER = 100 * 1024 * 1024
+MAP_BYTES = 64 * 2**20  # a file is mapped afresh after this many bytes: pages read through a mapping count in RSS while it lives
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
@@ -117,9 +118,13 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None, keep_fp8: bool = False, shard: Shard | None = None) -> Transformer:
-    """The model at path; with a `shard` (moela.parallel), only this rank's part of it, reading only the
-    slices of each tensor the rank keeps (quantized tensors are read whole, then cut)."""
+               cfg: ModelConfig | None = None, keep_fp8: bool = False, hook=None,
+               shard: Shard | None = None) -> Transformer:
+    """`hook` (quantization on load: moela.quantize.OnLoad) takes weights as they are read: hook.claim(model)
+    empties the parameters it will fill before the rest is allocated, then hook.take((our name, expert,
+    half), tensor) -> True for each tensor it keeps itself (FP8 and FP4 ones come dequantized to fp32).
+    With a `shard` (moela.parallel), only this rank's part of the model is built, reading only the slices
+    of each tensor the rank keeps (quantized tensors are read whole, then cut); the hook gets those slices."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -131,7 +136,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     plan = (_plan_v4 if cfg.v4 else _plan)(cfg, model, where, headers)  # every check before any allocation
     if shard is not None:
         shard.apply(model)  # this rank's part, still on meta
-    kept = _fp8_params(cfg, model, plan, headers, shard) if keep_fp8 else {}
+    if hook:
+        hook.claim(model)
+    kept = _fp8_params(cfg, model, plan, headers, shard) if keep_fp8 and not hook else {}
     _materialize(model, kept, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
@@ -143,6 +150,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
                     continue
                 for local, index in shard.pieces(target, headers[f][hf_name][1]) if shard else [(target, ())]:
                     tensor, scale = _read(hf_name, where, handles, cfg, index, keep_fp8=target[0] in kept)
+                    if hook and hook.take(local, tensor):
+                        continue
                     _destination(params, local).copy_(tensor)
                     if scale is not None:
                         _destination(params, (local[0] + "_scale_inv", *local[1:])).copy_(scale)
@@ -265,24 +274,29 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig,
           keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tensor[index], None), a quantized one read whole and dequantized to fp32, an unquantized one reading
     only tensor[index]; with keep_fp8, (e4m3 tensor, its scales) for an FP8 one."""
-    def handle(name: str):
-        if where[name] not in handles:
-            handles[where[name]] = safe_open(str(where[name]), framework="pt")
-        return handles[where[name]]
+    def get(name: str, index: tuple = ()) -> torch.Tensor:
+        f = where[name]
+        if f not in handles:
+            handles[f] = [safe_open(str(f), framework="pt"), 0]
+        tensor = handles[f][0].get_slice(name)[index] if index else handles[f][0].get_tensor(name)
+        handles[f][1] += tensor.nbytes
+        if handles[f][1] > MAP_BYTES:
+            del handles[f]  # unmapped once the tensors read through it are gone
+        return tensor
 
     scale = _scale_name(hf_name, where)
     if index and scale is None:
-        return handle(hf_name).get_slice(hf_name)[index], None
-    tensor, what = handle(hf_name).get_tensor(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
+        return get(hf_name, index), None
+    tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:
         block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
-        scale_inv = handle(scale).get_tensor(scale)
+        scale_inv = get(scale)
         check_fp8_scales(tensor, scale_inv, block, what)
         if keep_fp8:
             return tensor[index], scale_inv[_scale_index(index, tensor.shape, block)]
         tensor = reference.pack_fp8(tensor, scale_inv, block, torch.float32)
     elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and scale:
-        tensor = dequantize_fp4(tensor, handle(scale).get_tensor(scale), what)
+        tensor = dequantize_fp4(tensor, get(scale), what)
     return tensor[index], None
 
 

@@ -14,7 +14,7 @@ settings it wants, applied by `select`), and may fail to import where its librar
 
 | op | what |
 |---|---|
-| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up) |
+| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up), quantized if asked (backends that quantize: `quantizes`) |
 | pack_fp8 | an FP8 block-quantized checkpoint weight in the form pack_linear and pack_experts take |
 | rms_norm, add_rms_norm, rope | RMSNorm (HF's rounding), the same after a residual add, rotary embedding on the rope dims |
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
@@ -26,6 +26,7 @@ settings it wants, applied by `select`), and may fail to import where its librar
 """
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -77,6 +78,13 @@ def load(name: str) -> Backend:
         raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
     module = importlib.import_module(f"moela.ops.{name}")
     return Backend(name, **{op: getattr(module, op, getattr(reference, op)) for op in OPS})
+
+
+def quantizes(backend: Backend) -> bool:
+    """Whether the backend runs weight-only int8/int4 weights: its pack_linear and pack_experts take
+    `quantization`, and its linear and moe come from the same module as they (so read what they write)."""
+    pairs = ((backend.pack_linear, backend.linear), (backend.pack_experts, backend.moe))
+    return all("quantization" in inspect.signature(p).parameters and p.__module__ == f.__module__ for p, f in pairs)
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
