@@ -1,4 +1,4 @@
-"""The `moela` command: generate | bench | cost | train.
+"""The `moela` command: generate | bench | cost | train | serve | plan-experts.
 
     moela generate "def fibonacci(n):"                   # the embedded default model
     moela generate --model DIR --chat --max-tokens 64 "Hello"
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         from moela.train.cli import main as train_main
         return train_main(argv[1:])
+    if argv and argv[0] == "plan-experts":
+        from moela.placement_cli import main as plan_main
+        return plan_main(argv[1:])
     if argv and argv[0] == "serve":
         from moela.server.cli import main as serve_main
         return serve_main(argv[1:])
@@ -60,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a model (moela train --help)")
     sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
     sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
+    sub.add_parser("plan-experts", help="expert placement for expert parallelism from recorded load (moela plan-experts --help)")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes",
                          formatter_class=HelpFormatter)
     gen.add_argument("prompt", help="the text to continue (or, with --chat, the user's message)")
@@ -79,16 +83,19 @@ def parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moela.config import EngineConfig, ModelConfig, model_dir
+    from moela.config import EngineConfig, ModelConfig, engine_args, model_dir
     from moela.engine.llm import LLMEngine
+    from moela.engine.ranks import follow_forever, is_follower
     from moela.engine.sampler import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     path = model_dir(args.model)
-    cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                       cuda_graphs=args.cuda_graphs, max_num_seqs=1, speculative_config=args.speculative_config)
+    cfg = EngineConfig(model=path, dtype=args.dtype, max_num_seqs=1, **engine_args(args))
     cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before anything else is read
+    if is_follower(cfg):  # under torchrun: ranks > 0 run rank 0's steps
+        follow_forever(cfg)
+        return 0
     engine = LLMEngine(cfg)
     tok = engine.tokenizer
     if args.chat:
@@ -113,6 +120,7 @@ def run_generate(args: argparse.Namespace) -> int:
     decode = f", decode {(n - 1) / m.decode_time:.1f} tokens/s" if n > 1 and m.decode_time else ""
     print(f"[{n} tokens in {time.perf_counter() - start:.2f}s, first token after {m.time_to_first_token:.2f}s{decode};"
           f" prompt {len(prompt)} tokens; {torch.get_num_threads()} CPU threads]", file=sys.stderr)
+    engine.close()
     return 0
 
 

@@ -458,6 +458,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
+    tensor_parallel_size: int = 1  # ranks the model is split over (docs/distributed.md)
+    enable_expert_parallel: bool = False  # routed experts split by expert over the ranks, not sliced
+    expert_parallel_size: int | None = None  # expert groups (default: every rank with enable_expert_parallel, else 1)
+    expert_placement: str | Path | None = None  # a plan from `moela plan-experts` (default: experts in order)
+    distributed_timeout: float = 600.0  # seconds a collective waits for a stalled rank before failing
     cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
     quantization: str | None = None  # weight-only: a key of QUANTIZATIONS ("int8", "int4", ...); None: the model dtype
     speculative_config: SpeculativeConfig | dict | str | None = None  # e.g. {"method": "mtp", "num_speculative_tokens": 2}
@@ -484,9 +489,22 @@ class EngineConfig:
         if self.cuda_graphs and torch.device(self.device).type != "cuda":
             raise ValueError(f"cuda_graphs = True needs a CUDA device, not device = {self.device!r}")
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
+        self._check_parallel()
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+    def _check_parallel(self) -> None:
+        n, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tensor_parallel_size = {n!r} is invalid: must be an integer >= 1")
+        if ep is not None and (not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or n % ep):
+            raise ValueError(f"expert_parallel_size = {ep!r} is invalid: must divide tensor_parallel_size = {n}")
+        if self.cuda_graphs and n > 1:
+            raise ValueError(f"cuda_graphs = True needs tensor_parallel_size = 1, not {n}: the other ranks follow rank 0's "
+                             "eager forwards, which a graph replay skips")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout = {self.distributed_timeout!r} is invalid: must be > 0 seconds")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -530,6 +548,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help='speculative decoding as JSON, e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\': '
                              "the checkpoint's MTP layer drafts, the model verifies (default: off)")
     add_threads_arg(parser)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over this many ranks, started here (or by torchrun across machines)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="split routed experts by expert over the ranks instead of slicing each one")
+    parser.add_argument("--expert-parallel-size", type=int, default=None,
+                        help="expert groups, each expert sliced within its group (default: every rank with "
+                             "--enable-expert-parallel)")
+    parser.add_argument("--expert-placement", default=None, help="expert placement plan from `moela plan-experts`")
+
+
+def engine_args(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields of add_engine_args' flags (and --threads), as parsed."""
+    return {"device": args.device, "backend": args.backend, "cuda_graphs": args.cuda_graphs, "threads": args.threads,
+            "quantization": args.quantization, "speculative_config": args.speculative_config,
+            "tensor_parallel_size": args.tensor_parallel_size, "enable_expert_parallel": args.enable_expert_parallel,
+            "expert_parallel_size": args.expert_parallel_size, "expert_placement": args.expert_placement}
 
 
 def speculative_argument(value: str) -> SpeculativeConfig:

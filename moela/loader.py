@@ -10,7 +10,9 @@ Dequantized on load: FP8 e4m3 weights with 128x128 block scales (fp32 `weight_sc
 power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0 scales). With
 keep_fp8 (the engine's choice), FP8 projection and expert weights stay e4m3 with their scales beside
 them, for quantize.prepare to hand to the backend's pack_fp8 (which keeps or dequantizes them). MTP
-layers are skipped.
+layers are skipped. Under tensor or expert parallelism (`shard`, moela/parallel.py) a rank builds only its
+part of the model and reads only its slices of each tensor (quantized ones are read whole, then cut; FP8
+weights stay FP8 where the cut falls between scale blocks).
 """
 
 import json
@@ -28,6 +30,7 @@ from moela.models import Transformer, build_model
 from moela.models.layers import Experts, Linear
 from moela.names import LAYER_RE, MTP_NAMES, hf_names, map_name, to_hf, v4_target
 from moela.ops import reference
+from moela.parallel import Shard
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +118,13 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None, keep_fp8: bool = False, hook=None) -> Transformer:
+               cfg: ModelConfig | None = None, keep_fp8: bool = False, hook=None,
+               shard: Shard | None = None) -> Transformer:
     """`hook` (quantization on load: moela.quantize.OnLoad) takes weights as they are read: hook.claim(model)
     empties the parameters it will fill before the rest is allocated, then hook.take((our name, expert,
-    half), tensor) -> True for each tensor it keeps itself (FP8 and FP4 ones come dequantized to fp32)."""
+    half), tensor) -> True for each tensor it keeps itself (FP8 and FP4 ones come dequantized to fp32).
+    With a `shard` (moela.parallel), only this rank's part of the model is built, reading only the slices
+    of each tensor the rank keeps (quantized tensors are read whole, then cut); the hook gets those slices."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -128,9 +134,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
     model = build_model(cfg, dtype, "meta")
     plan = (_plan_v4 if cfg.v4 else _plan)(cfg, model, where, headers)  # every check before any allocation
+    if shard is not None:
+        shard.apply(model)  # this rank's part, still on meta
     if hook:
         hook.claim(model)
-    kept = _fp8_params(cfg, model, plan, headers) if keep_fp8 and not hook else {}
+    kept = _fp8_params(cfg, model, plan, headers, shard) if keep_fp8 and not hook else {}
     _materialize(model, kept, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
@@ -138,23 +146,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     with torch.no_grad():
         for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
             for hf_name, (src, target) in plan.items():
-                if src == f:
-                    tensor, scale = _read(hf_name, where, handles, cfg, keep_fp8=target[0] in kept)
-                    if hook and hook.take(target, tensor):
+                if src != f:
+                    continue
+                for local, index in shard.pieces(target, headers[f][hf_name][1]) if shard else [(target, ())]:
+                    tensor, scale = _read(hf_name, where, handles, cfg, index, keep_fp8=target[0] in kept)
+                    if hook and hook.take(local, tensor):
                         continue
-                    _destination(params, target).copy_(tensor)
+                    _destination(params, local).copy_(tensor)
                     if scale is not None:
-                        _destination(params, (target[0] + "_scale_inv", *target[1:])).copy_(scale)
+                        _destination(params, (local[0] + "_scale_inv", *local[1:])).copy_(scale)
     return model.eval()
 
 
-def _fp8_params(cfg: ModelConfig, model: Transformer, plan: dict, headers: dict) -> dict[str, tuple[int, ...]]:
+def _fp8_params(cfg: ModelConfig, model: Transformer, plan: dict, headers: dict,
+                shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
     """{parameter: its scales' shape} for the projection and expert weights read wholly from FP8 tensors
-    whose scale blocks do not straddle a fused gate/up boundary."""
+    whose scale blocks do not straddle a fused gate/up boundary (nor, with a shard, this rank's cut)."""
     bo, bi = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
     sources: dict[str, list] = {}
-    for hf_name, (f, (name, _, half)) in plan.items():
-        sources.setdefault(name, []).append((headers[f][hf_name][0], half))
+    for hf_name, (f, target) in plan.items():
+        dtype, shape = headers[f][hf_name]
+        for (name, _, half), index in shard.pieces(target, shape) if shard else [(target, ())]:
+            cut = _scale_index(index, shape, (bo, bi))
+            sources.setdefault(name, []).append((dtype if cut is not None else "cut", half))
     kept = {}
     for name, srcs in sources.items():
         owner, attr = name.rsplit(".", 1)
@@ -256,28 +270,48 @@ def _scale_name(name: str, where: dict) -> str | None:
     return next((s for s in (name + "_scale_inv", name.removesuffix(".weight") + ".scale") if s in where), None)
 
 
-def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig,
+def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig, index: tuple = (),
           keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tensor, None), a quantized one dequantized to fp32; with keep_fp8, (e4m3 tensor, its scales) for an FP8 one."""
-    def get(name: str) -> torch.Tensor:
+    """(tensor[index], None), a quantized one read whole and dequantized to fp32, an unquantized one reading
+    only tensor[index]; with keep_fp8, (e4m3 tensor, its scales) for an FP8 one."""
+    def get(name: str, index: tuple = ()) -> torch.Tensor:
         f = where[name]
         if f not in handles:
             handles[f] = [safe_open(str(f), framework="pt"), 0]
-        tensor = handles[f][0].get_tensor(name)
+        tensor = handles[f][0].get_slice(name)[index] if index else handles[f][0].get_tensor(name)
         handles[f][1] += tensor.nbytes
         if handles[f][1] > MAP_BYTES:
             del handles[f]  # unmapped once the tensors read through it are gone
         return tensor
 
+    scale = _scale_name(hf_name, where)
+    if index and scale is None:
+        return get(hf_name, index), None
     tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:
         block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
-        scale = get(_scale_name(hf_name, where))
-        check_fp8_scales(tensor, scale, block, what)
-        return (tensor, scale) if keep_fp8 else (reference.pack_fp8(tensor, scale, block, torch.float32), None)
-    if tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and _scale_name(hf_name, where):
-        return dequantize_fp4(tensor, get(_scale_name(hf_name, where)), what), None
-    return tensor, None
+        scale_inv = get(scale)
+        check_fp8_scales(tensor, scale_inv, block, what)
+        if keep_fp8:
+            return tensor[index], scale_inv[_scale_index(index, tensor.shape, block)]
+        tensor = reference.pack_fp8(tensor, scale_inv, block, torch.float32)
+    elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and scale:
+        tensor = dequantize_fp4(tensor, get(scale), what)
+    return tensor[index], None
+
+
+def _scale_index(index: tuple, shape: list[int], block: tuple[int, int]) -> tuple | None:
+    """The index of an FP8 matrix's block scales that matches `index` into the matrix ([..., out, in]), or
+    None when a cut falls inside a block."""
+    lead = sum(isinstance(i, int) for i in index)
+    out = list(index[:lead])
+    for dim, cut in enumerate(index[lead:], lead):
+        b = block[dim - len(shape) + 2]
+        start, stop, _ = cut.indices(shape[dim])
+        if start % b or (stop % b and stop != shape[dim]):
+            return None
+        out.append(slice(start // b, -(-stop // b)))
+    return tuple(out)
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: int = 32) -> torch.Tensor:

@@ -116,3 +116,19 @@ def test_engine_quantization_names():
     assert EngineConfig(quantization="int8").quant_format == "int8" and EngineConfig().quant_format is None
     with pytest.raises(ValueError, match="quantization = 'int3' is invalid: must be None or one of int8, int4"):
         EngineConfig(quantization="int3")
+
+
+def test_every_engine_flag_reaches_the_engine_config():
+    """A flag add_engine_args adds but engine_args drops would be parsed and then silently ignored."""
+    import argparse
+    from dataclasses import fields
+
+    from moela.config import EngineConfig, add_engine_args, engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--quantization", "int8", "--backend", "reference", "--tensor-parallel-size", "2"])
+    passed = engine_args(args)
+    assert set(passed) == {a.dest for a in parser._actions if a.dest != "help"}
+    assert set(passed) <= {f.name for f in fields(EngineConfig)}
+    assert (passed["quantization"], passed["backend"], passed["tensor_parallel_size"]) == ("int8", "reference", 2)

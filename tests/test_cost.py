@@ -180,6 +180,37 @@ def test_compute_rates_and_prefill():
         2 * 312e12 / cost.prefill_flops_per_token(s, 512))
 
 
+def test_parallel_decode_and_its_link_bytes_by_hand():
+    v3, h800 = load_model("v3").shape, load_hardware("h800")
+    assert cost.allreduce_bytes_per_token(v3, 8, "bf16") == 2 * 7 / 8 * 7168 * 2 == 25_088
+    assert cost.alltoall_bytes_per_token(v3, 8, "fp8") == 2 * 8 * 7168 * 7 / 8 == 100_352
+    assert cost.alltoall_bytes_per_token(v3, 1, "fp8") == 0
+    p = cost.param_counts(v3)
+    experts, kv = 58 * cost.expected_experts(256, 8, 256) * p.expert, 256 * 61 * 576 * 4096
+    steps = cost.parallel_decode(v3, h800, 256, 4096, "fp8", 64, 50, imbalance=1.5)
+    assert steps["tensor"].memory_s == pytest.approx((p.always_read + experts + kv) / (64 * 3.35e12))
+    assert steps["tensor"].comm_s == pytest.approx(2 * 61 * 256 * 2 * 63 / 64 * 7168 / 50e9)
+    assert steps["expert"].memory_s == pytest.approx((p.always_read + (experts * 1.5 + kv) / 64) / 3.35e12)
+    assert steps["expert"].comm_s == pytest.approx(58 * 256 / 64 * 2 * 8 * 7168 * 63 / 64 / 50e9)
+    assert steps["expert"].seconds < steps["tensor"].seconds  # 64 devices over InfiniBand: expert parallelism pays
+    one_machine = cost.parallel_decode(v3, h800, 256, 4096, "fp8", 8, 200)
+    assert one_machine["tensor"].seconds < one_machine["expert"].seconds  # 8 devices over NVLink: it does not
+
+
+def test_cli_compares_tensor_and_expert_parallelism(capsys):
+    argv = ["v3", "--hardware", "h800", "--dtype", "fp8", "--devices", "64", "--batch", "256", "--link-gbs", "50",
+            "--imbalance", "1.5"]
+    code, out, _ = _run(capsys, *argv, "--json")
+    (row,) = json.loads(out)["hardware"]
+    steps = cost.parallel_decode(load_model("v3").shape, load_hardware("h800"), 256, 4096, "fp8", 64, 50, 1.5)
+    assert code == 0 and row["parallel"]["expert"]["step_seconds"] == pytest.approx(steps["expert"].seconds)
+    assert row["parallel"]["expert_parallel_pays"] and row["parallel"]["alltoall_bytes_per_token_layer"] == 112_896
+    code, out, _ = _run(capsys, *argv)
+    assert "tensor vs expert parallelism" in out and out.rstrip().endswith("pays")
+    assert "tensor vs expert" not in _run(capsys, "v3", "--hardware", "910b", "--devices", "8")[1]  # no link figure
+    assert _run(capsys, "v3", "--imbalance", "0.5")[0] == 2
+
+
 def test_price_arithmetic():
     assert cost.usd_per_million_tokens(1000, 8, 2.0) == pytest.approx(2.0 * 8 / 3.6e6 * 1e6)  # $4.44
     assert cost.usd_per_million_tokens(1850 * 8, 8, 2.0) == pytest.approx(0.3003, abs=1e-4)
@@ -192,7 +223,9 @@ def test_catalog_lookup_and_sources():
         load_model("llama-70b")
     for key in hardware_names()[:-1]:
         hw = load_hardware(key)
-        assert set(hw.sources) == {"memory_gb", "bandwidth_tbs", *hw.tflops} and all(hw.sources.values())
+        link = ["link_gbs"] if hw.link_gbs else []
+        assert set(hw.sources) == {"memory_gb", "bandwidth_tbs", *hw.tflops, *link} and all(hw.sources.values())
+    assert load_hardware("h800").link_gbs == 200 and load_hardware("910b").link_gbs is None
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -98,7 +98,10 @@ def load_hardware(name: str) -> Hardware:
     tflops = {dtype: fig["value"] for dtype, fig in entry["tflops"].items()}
     sources = {"memory_gb": entry["memory_gb"]["source"], "bandwidth_tbs": entry["bandwidth_tbs"]["source"]}
     sources |= {dtype: fig["source"] for dtype, fig in entry["tflops"].items()}
-    return Hardware(entry["name"], entry["memory_gb"]["value"], entry["bandwidth_tbs"]["value"], tflops, sources)
+    link = entry.get("link_gbs")
+    sources |= {"link_gbs": link["source"]} if link else {}
+    return Hardware(entry["name"], entry["memory_gb"]["value"], entry["bandwidth_tbs"]["value"], tflops, sources,
+                    link["value"] if link else None)
 
 
 def shape_from_config(name: str, cfg: dict[str, Any]) -> CostShape:

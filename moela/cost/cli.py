@@ -6,6 +6,7 @@
     moela cost v2-lite --hardware h100 --plot v2lite.png    # throughput vs batch, memory vs context
     moela cost path/to/config.json                          # any DeepSeek-V2/V3/V3.2/V4 or Kimi K2 config
     moela cost bench-1b --measure                           # moela's decode tokens/s here vs the roofline
+    moela cost v3 --hardware h800 --devices 64 --link-gbs 50 --imbalance 1.2   # tensor vs expert parallelism
     OMP_NUM_THREADS=1 moela cost bench-1b --measure         # on a CPU busy with other work
     python -m moela.cost.cli deepseek-v3                    # the same without the `moela` entry point
 
@@ -36,6 +37,8 @@ class Settings:
     kv_dtype: str  # cache
     price: float  # $ per device-hour
     devices: int | None = None  # devices to plan for (default: the fewest that hold weights, or weights + batch)
+    link_gbs: float | None = None  # device-to-device bandwidth for the parallelism comparison (default: the chip's)
+    imbalance: float = 1.0  # max/mean routed load per device under expert parallelism (moela plan-experts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", choices=DTYPES, help="cache dtype (default: the weight dtype)")
     p.add_argument("--price", type=float, default=2.0, help="$ per device-hour (default 2.0)")
     p.add_argument("--devices", type=int, help="devices to plan for (default: the fewest that hold the model)")
+    p.add_argument("--link-gbs", type=float, help="device-to-device GB/s, one direction, for tensor vs expert "
+                   "parallelism (default: the chip's NVLink figure; 50 is InfiniBand across machines)")
+    p.add_argument("--imbalance", type=float, default=1.0,
+                   help="max/mean routed load per device under expert parallelism (moela plan-experts reports it)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write throughput-vs-batch and memory-vs-context plots")
     p.add_argument("--measure", action="store_true", help="time moela's decode here on random weights")
@@ -98,7 +105,22 @@ def hardware_row(m: CatalogModel, key: str, hw: cost.Hardware, st: Settings) -> 
                    "step_seconds": roof.seconds, "weight_bytes": roof.weight_bytes, "kv_bytes": roof.kv_bytes},
         "prefill_tokens_per_s_per_device": cost.prefill_tokens_per_s(s, hw, st.context, st.dtype, st.kv_dtype),
         "usd_per_million_output_tokens": cost.usd_per_million_tokens(roof.tokens_per_s, roof.devices, st.price),
+        "parallel": parallel_row(s, hw, st, roof.devices),
     }
+
+
+def parallel_row(s: cost.CostShape, hw: cost.Hardware, st: Settings, devices: int) -> dict | None:
+    """Tensor vs expert parallelism on `devices` devices over the link (None on one device or with no link figure)."""
+    link = st.link_gbs or hw.link_gbs
+    if devices < 2 or link is None:
+        return None
+    steps = cost.parallel_decode(s, hw, st.batch, st.context, st.dtype, devices, link, st.imbalance)
+    return {"devices": devices, "link_gbs": link, "imbalance": st.imbalance,
+            "allreduce_bytes_per_token_layer": cost.allreduce_bytes_per_token(s, devices, st.dtype),
+            "alltoall_bytes_per_token_layer": cost.alltoall_bytes_per_token(s, devices, st.dtype),
+            **{mode: {"memory_s": step.memory_s, "comm_s": step.comm_s, "step_seconds": step.seconds,
+                      "tokens_per_s": st.batch / step.seconds} for mode, step in steps.items()},
+            "expert_parallel_pays": steps["expert"].seconds < steps["tensor"].seconds}
 
 
 def _num(x: float, unit: str = "") -> str:
@@ -155,8 +177,22 @@ def _render_chips(rows: list[dict], st: Settings) -> str:
     return title + "\n" + _table(header, body)
 
 
+def _render_parallel(rows: list[dict], st: Settings) -> str:
+    header = ["chip", "devices", "link GB/s", "all-reduce B/tok/layer", "all-to-all B/tok/layer", "tensor step ms",
+              "expert step ms", "expert parallel"]
+    body = [[r["name"], str(p["devices"]), f"{p['link_gbs']:g}", f"{p['allreduce_bytes_per_token_layer']:,.0f}",
+             f"{p['alltoall_bytes_per_token_layer']:,.0f}",
+             *(f"{p[m]['step_seconds'] * 1e3:.2f} ({p[m]['comm_s'] * 1e3:.2f} link)" for m in ("tensor", "expert")),
+             "pays" if p["expert_parallel_pays"] else "does not pay"] for r in rows if (p := r["parallel"])]
+    title = (f"tensor vs expert parallelism, decode batch {st.batch} (memory time + link time; expert parallel: "
+             f"own sequences per device, max/mean routed load {st.imbalance:g}; docs/distributed.md)")
+    return title + "\n" + _table(header, body) if body else ""
+
+
 def render(report: dict, st: Settings) -> str:
-    parts = [_render_model(report["model"], st), _render_chips(report["hardware"], st)]
+    parts = [_render_model(report["model"], st), _render_chips(report["hardware"], st),
+             _render_parallel(report["hardware"], st)]
+    parts = [p for p in parts if p]
     if "measure" in report:
         parts.append(_render_measure(report["measure"]))
     return "\n\n".join(parts)
@@ -201,9 +237,11 @@ def write_plot(m: CatalogModel, chips: dict[str, cost.Hardware], st: Settings, f
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     st = Settings(args.batch or (1 if args.measure else 32), args.context or (128 if args.measure else 4096),
-                  args.dtype, args.kv_dtype or args.dtype, args.price, args.devices)
-    if st.batch < 1 or st.context < 1 or st.price < 0 or (st.devices is not None and st.devices < 1):
-        print("error: --batch, --context and --devices must be positive, --price not negative", file=sys.stderr)
+                  args.dtype, args.kv_dtype or args.dtype, args.price, args.devices, args.link_gbs, args.imbalance)
+    if (st.batch < 1 or st.context < 1 or st.price < 0 or (st.devices is not None and st.devices < 1)
+            or (st.link_gbs is not None and st.link_gbs <= 0) or st.imbalance < 1):
+        print("error: --batch, --context, --devices and --link-gbs must be positive, --price not negative, "
+              "--imbalance at least 1", file=sys.stderr)
         return 2
     threads.apply(threads.free_now() if args.threads == "auto" else args.threads)
     try:

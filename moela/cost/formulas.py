@@ -12,7 +12,8 @@ gives the formulas and the roofline method).
 Three attention kinds: "mla" (V2, V3, Kimi K2: the cache holds the latent c_KV and k_pe), "dsa"
 (V3.2: MLA plus a lightning indexer whose keys are cached too and which picks index_topk keys),
 "v4" (one shared K=V head of head_dim; sliding-window, CSA and HCA layers with compressed caches).
-Multi-device numbers assume weights, cache and work spread evenly, with no communication cost.
+Multi-device numbers assume weights, cache and work spread evenly, with no communication cost, except
+`parallel_decode`: tensor vs expert parallelism with the bytes each moves over a link of given bandwidth.
 """
 
 import math
@@ -77,6 +78,7 @@ class Hardware:
     bandwidth_tbs: float  # memory bandwidth, 1e12 bytes/s
     tflops: dict[str, float] = field(default_factory=dict)  # dense peak per dtype ("bf16", "fp8", "int8")
     sources: dict[str, str] = field(default_factory=dict)  # figure name ("memory_gb", "bf16", ...) -> source
+    link_gbs: float | None = None  # device-to-device bandwidth, one direction, 1e9 bytes/s (NVLink, HCCS)
 
     def flops_per_s(self, dtype: str) -> float:
         """Without native math for `dtype` (int4, or fp8 on A100/Ascend) weights are dequantized: bf16 rate."""
@@ -350,3 +352,54 @@ def prefill_tokens_per_s(s: CostShape, hw: Hardware, context: int, dtype: str, k
 
 def usd_per_million_tokens(tokens_per_s: float, devices: int, usd_per_device_hour: float) -> float:
     return usd_per_device_hour * devices / (tokens_per_s * 3600) * 1e6
+
+
+# ---- tensor vs expert parallelism: what crosses the links ----
+
+def allreduce_bytes_per_token(s: CostShape, devices: int, dtype: str) -> float:
+    """Bytes one device sends per token in a ring all-reduce of a layer's output [T, d] (tensor parallelism:
+    every device runs every token and the partial sums meet): 2 (D - 1) / D of a hidden state."""
+    return 2 * (devices - 1) / devices * s.hidden_size * DTYPE_BYTES[dtype]
+
+
+def alltoall_bytes_per_token(s: CostShape, devices: int, dtype: str) -> float:
+    """Bytes one MoE layer sends off the device per token it holds, under expert parallelism with each device
+    running its own tokens: the hidden state to each of its top_k experts and the outputs back, for the share
+    (D - 1) / D of experts that live elsewhere (dispatch + combine)."""
+    return 2 * s.top_k * s.hidden_size * DTYPE_BYTES[dtype] * (devices - 1) / devices
+
+
+@dataclass(frozen=True)
+class ParallelStep:
+    """One decode step on `devices` devices: per-device memory time, link time, their sum."""
+
+    memory_s: float
+    comm_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.memory_s + self.comm_s
+
+
+def parallel_decode(s: CostShape, hw: Hardware, batch: int, context: int, dtype: str, devices: int, link_gbs: float,
+                    imbalance: float = 1.0) -> dict[str, ParallelStep]:
+    """A memory-bound decode step of `batch` sequences under the two ways to split a MoE model:
+
+    "tensor": every device runs every token and holds 1/D of every weight (heads, MLP and expert widths);
+    two all-reduces per layer (after attention, after the FFN).
+    "expert": each device runs its own batch / D sequences with whole attention and shared weights (data
+    parallel) and holds E/D routed experts; one all-to-all dispatch and combine per MoE layer. The device
+    with the most routed tokens sets the pace: its expert reads are `imbalance` (max/mean load, what
+    `moela plan-experts` reports) times the mean.
+    Link time is bytes / link_gbs, not overlapped with compute (an upper bound on what it costs).
+    """
+    p, b, bw = param_counts(s), DTYPE_BYTES[dtype], devices * hw.bandwidth_tbs * 1e12
+    experts = p.moe_layers * expected_experts(s.n_routed_experts, s.top_k, batch) * p.expert * b
+    kv = batch * kv_read_values(s, context) * b
+    link = link_gbs * 1e9
+    tensor = ParallelStep((p.always_read * b + experts + kv) / bw,
+                          2 * s.num_layers * batch * allreduce_bytes_per_token(s, devices, dtype) / link)
+    expert_bytes = p.always_read * b + (experts * imbalance + kv) / devices
+    expert = ParallelStep(expert_bytes / (hw.bandwidth_tbs * 1e12),
+                          p.moe_layers * batch / devices * alltoall_bytes_per_token(s, devices, dtype) / link)
+    return {"tensor": tensor, "expert": expert}

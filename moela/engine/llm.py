@@ -25,6 +25,7 @@ from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.graphs import graph_sizes
 from moela.engine.guided import Guides
 from moela.engine.outputs import RequestOutput, make_output, postprocess
+from moela.engine.ranks import Ranks, follow_forever, is_follower
 from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
 from moela.engine.scheduler import Scheduler
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None):
         path = model_dir(cfg.model)
+        if model is not None and cfg.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 loads each rank's slices from a model directory, not a built model")
+        self.ranks = Ranks.start(cfg) if cfg.tensor_parallel_size > 1 else None  # docs/distributed.md
+        cfg = self.ranks.local_config(cfg) if self.ranks else cfg
         self.threads = threads.apply(cfg.threads)
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
         self.max_model_len = cfg.check_model(self.model_cfg)
@@ -51,8 +56,12 @@ class LLMEngine:
             raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
                                          "quantized kernels (the cpu and reference backends have)")
         hook = quantize.OnLoad(self.backend, quant) if quant else None
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True, hook=hook)
+        shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
+        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True,
+                                         hook=hook, shard=shard)
         quantize.prepare(self.model, self.backend, quant)
+        if shard:
+            shard.bind(self.model)
         log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
         spec = cfg.speculative_config
         self.speculator = Speculator(spec, self.model, path, self.backend) if spec else None
@@ -65,6 +74,8 @@ class LLMEngine:
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
         budget = self._cache_budget(cfg, layout)
         num_blocks = layout.num_blocks(budget, num_slots)
+        if self.ranks:
+            num_blocks = self.ranks.agree(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory = {budget} bytes holds no {layout.block_size}-token block "
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
@@ -95,6 +106,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        if self.ranks:
+            self.ranks.lead(self)
 
     def _cache_budget(self, cfg: EngineConfig, layout: CacheLayout) -> int:
         """kv_cache_memory, or max_num_seqs whole contexts in whole blocks, at most 1/4 of the device's memory."""
@@ -231,6 +244,11 @@ class LLMEngine:
         """Tokens routed to each expert since start-up, per MoE layer."""
         return {i: layer.ffn.experts.load.tolist() for i, layer in enumerate(self.model.layers) if hasattr(layer.ffn, "experts")}
 
+    def close(self) -> None:
+        """Stop the other ranks of a parallel engine (also done when the engine is collected or at exit)."""
+        if self.ranks:
+            self.ranks.shutdown()
+
     def stats(self) -> dict:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_cache_usage": self.blocks.usage(),
@@ -242,7 +260,11 @@ class LLM:
     """vLLM-style offline API over one LLMEngine."""
 
     def __init__(self, model: str | Path | None = None, **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        cfg = EngineConfig(model=model, **kwargs)
+        if is_follower(cfg):  # under torchrun, ranks > 0 follow rank 0 and exit with it
+            follow_forever(cfg)
+            raise SystemExit(0)
+        self.engine = LLMEngine(cfg)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

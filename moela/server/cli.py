@@ -3,6 +3,7 @@
     moela serve                                      # the embedded default model on 127.0.0.1:8000
     moela serve ./DeepSeek-V2-Lite-Chat --port 8001 --api-key sk-local --served-model-name v2-lite
     moela serve ./DeepSeek-R1 --reasoning-parser deepseek_r1 --max-num-seqs 32 --max-queued-requests 128
+    moela serve ./DeepSeek-V3 --tensor-parallel-size 8 --enable-expert-parallel   # 8 ranks (docs/distributed.md)
 
 The API key may also come from MOELA_API_KEY (so it is not visible in `ps`). The first SIGTERM or
 Ctrl-C drains: new requests get 503, running ones have --drain-timeout seconds to finish, the rest
@@ -77,6 +78,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if follows(args):
+            return 0
         worker, app = build(args)
         sock = listen(args.host, args.port)  # fails here, before the model loads, if the port is taken
     except (ValueError, OSError) as e:  # MoelaError included: a bad model directory or option
@@ -105,20 +108,34 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def engine_config(args: argparse.Namespace):
+    from moela.config import EngineConfig, engine_args, model_dir
+
+    return EngineConfig(model=model_dir(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, **engine_args(args))
+
+
+def follows(args: argparse.Namespace) -> bool:
+    """Under torchrun, ranks > 0 run rank 0's steps instead of serving (until rank 0 stops): True when done."""
+    from moela.engine.ranks import follow_forever, is_follower
+
+    cfg = engine_config(args)
+    if not is_follower(cfg):
+        return False
+    follow_forever(cfg)
+    return True
+
+
 def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
     """The worker (whose thread will load the model) and the app; the config is checked here, up front."""
     import torch
 
     from moela import ops
-    from moela.config import EngineConfig, ModelConfig, model_dir
+    from moela.config import ModelConfig
     from moela.engine.llm import LLMEngine
 
-    path = model_dir(args.model)
-    engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                              cuda_graphs=args.cuda_graphs, max_model_len=args.max_model_len,
-                              kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                              speculative_config=args.speculative_config)
-    engine_cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before the server starts
+    engine_cfg = engine_config(args)
+    engine_cfg.check_model(ModelConfig.from_pretrained(engine_cfg.model))  # an unsupported model fails before the server starts
     ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")

@@ -28,7 +28,7 @@ class RouterMonitor:
         self.active = True  # set False around evaluation so held-out tokens do not count
         n_experts = self.gates[0].weight.shape[0] if self.gates else 0
         self.counts = torch.zeros(len(self.gates), n_experts, dtype=torch.float64)
-        self.routed: list[tuple[Gate, torch.Tensor, torch.Tensor]] = []  # (gate, input, indices) this forward
+        self.routed: list[tuple[Gate, torch.Tensor, torch.Tensor]] = []  # (gate, logits, indices) this forward
         for i, gate in enumerate(self.gates):
             gate.register_forward_hook(self._hook(i))
 
@@ -38,16 +38,16 @@ class RouterMonitor:
                 return
             indices = output[1]
             self.counts[i] += torch.bincount(indices.flatten(), minlength=self.counts.shape[1]).cpu().double()
-            if self.balance_alpha > 0:
-                self.routed.append((gate, inputs[0], indices))
+            if self.balance_alpha > 0:  # the scores now, while the gate's weight is whole (FSDP reshards it after)
+                with torch.autocast(indices.device.type, enabled=False):
+                    logits = F.linear(inputs[0].float(), gate.weight.float())  # [T, E], recomputed in fp32
+                self.routed.append((gate, logits, indices))
         return record
 
     def balance_loss(self, n_seqs: int) -> torch.Tensor:
         """Sequence-wise balance loss of the last forward, summed over MoE layers (clears what it used)."""
         total = torch.zeros(())
-        for gate, x, indices in self.routed:
-            with torch.autocast(x.device.type, enabled=False):
-                logits = F.linear(x.float(), gate.weight.float())  # [T, E], recomputed in fp32
+        for gate, logits, indices in self.routed:
             scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
             E, k = scores.shape[1], indices.shape[1]
             scores = scores.view(n_seqs, -1, E)  # [B, S, E]

@@ -4,6 +4,7 @@
     moela train --out runs/tiny --config my_config.json --corpus ~/src --glob "*.py"
     moela train --out runs/tiny --resume runs/tiny/checkpoints/step-000100 --steps 400
     torchrun --nproc-per-node 2 -m moela.train.cli --out runs/ddp --steps 200   # same run, 2 ranks (gloo on CPU)
+    torchrun --nproc-per-node 4 -m moela.train.cli --out runs/ep --expert-parallel   # FSDP2 + experts split by expert
 
 Without --config the architecture is that of the embedded default model
 (moela/assets/default-model/config.json); vocab_size and bos/eos ids always come from the tokenizer
@@ -32,7 +33,7 @@ from moela.config import DEFAULT_MODEL_DIR, DTYPES, HelpFormatter, ModelConfig
 from moela.errors import MoelaError
 from moela.train import data
 from moela.train.loop import Trainer, TrainConfig, check_run, read_trainer_state
-from moela.train.report import model_card, param_counts, plot_losses
+from moela.train.report import model_card, plot_losses
 
 DEFAULT_CONFIG = DEFAULT_MODEL_DIR / "config.json"
 log = logging.getLogger("moela.train")
@@ -71,6 +72,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to continue from")
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of the final model")
     p.add_argument("--sample-prompt", default="def fibonacci(n):", help="prompt of the greedy sample in the model card")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard weights with FSDP2 and split the routed experts by expert over the ranks")
+    p.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall"), default="auto",
+                   help="with --expert-parallel: how tokens reach their experts; auto moves fewer bytes (docs/distributed.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to train on")
     p.add_argument("--threads", type=threads.argument, default="auto",
                    help="CPU threads: a number, or auto (the cores free now, fewer when another process takes one)")
@@ -83,7 +88,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         min_lr_ratio=args.min_lr_ratio, warmup=min(100, args.steps // 10) if args.warmup is None else args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         optimizer=args.optimizer, precision=args.precision, seed=args.seed, bias_update_speed=args.bias_update_speed,
-        balance_alpha=args.balance_alpha, mtp_weight=args.mtp_weight)
+        balance_alpha=args.balance_alpha, mtp_weight=args.mtp_weight, expert_parallel=args.expert_parallel,
+        moe_comm=args.moe_comm)
 
 
 def read_arch(args: argparse.Namespace) -> dict:
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(arch, tc, windows["train"], windows["heldout"], run=run_id, device=args.device)
     if args.resume:
         trainer.resume(args.resume)
-    n = param_counts(trainer.model, trainer.mtp, trainer.cfg)
+    n = trainer.params
     say(rank, f"{facts['n_train_files']} training files -> {len(windows['train']) * tc.seq_len / 1e6:.2f}M tokens in "
               f"{len(windows['train'])} sequences of {tc.seq_len}; vocab {arch['vocab_size']}; {n['total'] / 1e6:.2f}M "
               f"parameters ({n['active'] / 1e6:.2f}M active) + MTP {n['mtp'] / 1e6:.2f}M; warmup {tc.warmup} of {tc.steps} steps; starting at step {trainer.step_num}")
@@ -218,7 +224,7 @@ def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts:
         "title": f"moela {args.out.name}", "out": args.out, "is_default": args.out.resolve() == DEFAULT_MODEL_DIR.resolve(),
         "command": "moela train " + shlex.join(args.argv),
         "hardware": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}",
-        "cfg": trainer.cfg, "params": param_counts(trainer.model, trainer.mtp, trainer.cfg),
+        "cfg": trainer.cfg, "params": trainer.params,
         "size_mb": sum(f.stat().st_size for f in files) / 1e6, "seq_len": tc.seq_len,
         "train_tokens": len(windows["train"]) * tc.seq_len, "heldout_tokens": 0 if heldout is None else len(heldout) * tc.seq_len,
         "steps": trainer.step_num, "batch_size": tc.batch_size, "tokens_seen": trainer.step_num * tc.batch_size * tc.seq_len,

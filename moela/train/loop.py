@@ -7,7 +7,8 @@
     trainer.resume(path)                      # continues exactly where that run stopped
 
 `arch` is a HF config.json dict (model_type deepseek_v3 or v2). Under torchrun, with torch.distributed
-initialized before the Trainer is built, the model is wrapped in DDP and each step's global batch is
+initialized before the Trainer is built, the model is wrapped in DDP (or, with `expert_parallel`, sharded
+by FSDP2 with the routed experts split by expert: moela/train/sharded.py) and each step's global batch is
 split across ranks and accumulation micro-batches, so losses match a single-process run. The data
 order is a function of (seed, step) alone and there is no dropout, so resuming needs no RNG state.
 """
@@ -29,9 +30,12 @@ from moela.errors import CheckpointError, ConfigError
 from moela.loader import load_model, load_mtp, save_model
 from moela.models import StepContext, Transformer
 from moela.models.layers import Gate
+from moela.parallel import MOE_COMM
+from moela.train import sharded
 from moela.train.balance import RouterMonitor, max_violation
 from moela.models.mtp import MTP
 from moela.train.optim import build_optimizers, lr_at, set_lr
+from moela.train.report import param_counts
 
 
 
@@ -53,6 +57,8 @@ class TrainConfig:
     balance_alpha: float = 0.0  # weight of the sequence-wise balance loss
     mtp_weight: float = 0.3  # lambda of the MTP loss
     init_std: float = 0.02
+    expert_parallel: bool = False  # under torchrun: FSDP2 + routed experts split by expert over the ranks
+    moe_comm: str = "auto"  # how tokens reach their experts then: "allgather", "alltoall" or "auto" (fewer bytes)
 
 
 class LanguageModel(nn.Module):
@@ -80,11 +86,11 @@ class LanguageModel(nn.Module):
         return torch.stack([main, mtp, self.router.balance_loss(B).to(main)])
 
     def nll(self, batch: torch.Tensor) -> torch.Tensor:
-        """Summed next-token loss of the main head over batch [B, S + 1]."""
+        """Summed next-token loss of the main head of each sequence of batch [B, S + 1] -> [B]."""
         inp, tgt = batch[:, :-1], batch[:, 1:]
         ctx = StepContext.prefill([inp.shape[1]] * inp.shape[0], device=batch.device)
         logits = self.model.logits(self.model(inp.flatten(), ctx.positions, ctx))
-        return F.cross_entropy(logits.float(), tgt.flatten(), reduction="sum")
+        return F.cross_entropy(logits.float(), tgt.flatten(), reduction="none").view(inp.shape).sum(dim=1)
 
 
 @torch.no_grad()
@@ -136,7 +142,9 @@ class Trainer:
         self.mtp = MTP(cfg) if cfg.num_nextn_predict_layers else None
         self.net = LanguageModel(self.model, self.mtp, tc.balance_alpha).to(self.device)
         init_weights(self.net, tc.init_std, cfg.num_hidden_layers)
-        self.ddp = DistributedDataParallel(self.net, broadcast_buffers=False) if self.world > 1 else None
+        self.params = param_counts(self.model, self.mtp, cfg)
+        self.shard = sharded.shard_model(self.net, cfg, tc.moe_comm) if tc.expert_parallel and self.world > 1 else None
+        self.ddp = DistributedDataParallel(self.net, broadcast_buffers=False) if self.world > 1 and not self.shard else None
         self.optimizers = build_optimizers(self.net.named_parameters(), tc.optimizer, tc.weight_decay)
         self.sampler = Sampler(len(train), tc.batch_size, tc.seed)
         self.step_num = 0
@@ -166,7 +174,12 @@ class Trainer:
                 loss = (parts[0] + tc.mtp_weight * parts[1] + parts[2]) / tc.grad_accum
                 loss.backward()
             losses += parts.detach().float().cpu() / tc.grad_accum
-        grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        if self.shard:
+            sharded.finish_grads(self.net, self.world)
+            grad_norm = sharded.clip_grad_norm(self.net.parameters(), max_norm)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -187,14 +200,17 @@ class Trainer:
             return math.nan
         chosen = self.heldout[:max_windows]
         windows = chosen[self.rank :: self.world]
+        real, per_rank = len(windows), -(-len(chosen) // self.world)
+        windows = torch.cat([windows, chosen[: per_rank - real]])  # equal batches on every rank (their experts meet)
         self.net.eval()
         self.net.router.active = False
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(windows), self.micro):
             batch = windows[i : i + self.micro].long().to(self.device)
+            keep = max(0, min(real - i, len(batch)))  # rows past `real` are padding
             with self.autocast():
-                total[0] += self.net.nll(batch).double().cpu()
-            total[1] += batch[:, 1:].numel()
+                total[0] += self.net.nll(batch)[:keep].double().sum().cpu()
+            total[1] += batch[:keep, 1:].numel()
         self.net.train()
         self.net.router.active = True
         if self.world > 1:
@@ -204,18 +220,34 @@ class Trainer:
         return loss
 
     def save(self, path: Path, dtype: torch.dtype | None = None, state: bool = True) -> None:
-        """HF-format model at path (MTP as layer num_hidden_layers); with state, what resume() needs."""
+        """HF-format model at path (MTP as layer num_hidden_layers); with state, what resume() needs (with expert
+        parallelism, only the history: such a run cannot be resumed yet)."""
+        model, mtp = self.whole() if self.shard else (self.model, self.mtp)
         if self.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
-            save_model(self.model, path, self.mtp, dtype, config=self.arch)
-            if state:
+            save_model(model, path, mtp, dtype, config=self.arch)
+            if state and not self.shard:
                 torch.save([opt.state_dict() for opt in self.optimizers], path / "optimizer.pt")
                 trainer_state = {"step": self.step_num, "run": self.run, "train_config": asdict(self.tc), "history": self.history}
                 (path / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n", encoding="utf-8")
         if self.world > 1:
             dist.barrier()
 
+    def whole(self) -> tuple[Transformer | None, MTP | None]:
+        """Rank 0: whole CPU copies of the sharded model and MTP module (every rank must call it)."""
+        state = sharded.full_state(self.net)
+        if self.rank != 0:
+            return None, None
+        copies = (Transformer(self.cfg), MTP(self.cfg) if self.mtp is not None else None)
+        for prefix, module in zip(("model.", "mtp."), copies):
+            if module is not None:
+                module.load_state_dict({k: state[prefix + k] for k in module.state_dict()})
+        return copies
+
     def resume(self, path: Path) -> None:
+        if self.shard:
+            raise ConfigError("resuming a run with expert parallelism is not supported yet: its optimizer state "
+                              "is sharded; resume without --expert-parallel")
         state = read_trainer_state(path)
         for key, value in self.run.items():
             if state["run"].get(key) != value:
@@ -259,5 +291,7 @@ def check_run(cfg: ModelConfig, tc: TrainConfig) -> None:
         raise ConfigError(f"sequence length {tc.seq_len} must be at least 2")
     if cfg.num_nextn_predict_layers > 1:
         raise ConfigError(f"field 'num_nextn_predict_layers' = {cfg.num_nextn_predict_layers}: only one MTP module is supported")
+    if tc.moe_comm not in ("auto", *MOE_COMM):
+        raise ConfigError(f"moe_comm {tc.moe_comm!r}: expected auto, {' or '.join(MOE_COMM)}")
     if tc.optimizer not in ("adamw", "muon") or tc.precision not in ("bf16", "fp32"):
         raise ConfigError(f"optimizer {tc.optimizer!r} / precision {tc.precision!r}: expected adamw|muon and bf16|fp32")
