@@ -23,6 +23,8 @@ from moela.errors import ConfigError
 from moela.ops import BACKENDS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
+RUNTIMES = ("torch", "onnx")  # torch: moela's model and backends; onnx: graphs from `moela export onnx` on ONNX Runtime
+PROVIDERS = ("cpu", "cuda", "cann")  # ONNX Runtime's execution providers that runtime "onnx" takes
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -304,6 +306,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
+    runtime: str = "torch"  # "onnx": model is a `moela export onnx` directory, run by ONNX Runtime (dtype is the graphs')
+    provider: str = "cpu"  # runtime "onnx": ONNX Runtime's execution provider (cpu, cuda, cann)
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -314,6 +318,12 @@ class EngineConfig:
             raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime = {self.runtime!r} is invalid: must be one of {', '.join(RUNTIMES)}")
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider = {self.provider!r} is invalid: must be one of {', '.join(PROVIDERS)}")
+        if self.provider != "cpu" and self.runtime != "onnx":
+            raise ValueError(f"provider = {self.provider!r} applies to runtime 'onnx' only (torch runs on device=...)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -354,6 +364,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="onnx: run a `moela export onnx` directory on ONNX Runtime (the graphs' dtype)")
+    parser.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime's execution provider (--runtime onnx)")
     add_threads_arg(parser)
 
 

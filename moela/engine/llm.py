@@ -22,6 +22,7 @@ import torch
 from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
+from moela.engine.onnx_runner import OnnxRunner, read_manifest
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
 from moela.engine.sampler import SamplingParams, apply_penalties, sample, top_logprobs
@@ -40,12 +41,17 @@ class LLMEngine:
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
         self.max_model_len = cfg.check_model(self.model_cfg)
         self.tokenizer = None if cfg.skip_tokenizer_init else tokenizer or Tokenizer.from_pretrained(path)
-        self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
-        dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
-        self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
-        quantize.prepare(self.model, self.backend)
-        layout = CacheLayout(self.model.cache_specs(), dtype, cfg.block_size)
+        if cfg.runtime == "onnx":  # graphs from `moela export onnx`: no torch model; sampling on the host
+            self.device, self.backend, self.model = torch.device("cpu"), None, None
+            specs, dtype = read_manifest(path)
+        else:
+            self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
+            dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
+            self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
+            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
+            quantize.prepare(self.model, self.backend)
+            specs = self.model.cache_specs()
+        layout = CacheLayout(specs, dtype, cfg.block_size)
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
         budget = self._cache_budget(cfg, layout)
@@ -55,8 +61,14 @@ class LLMEngine:
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
                              f"{layout.fixed_bytes_per_sequence} bytes)")
         self.max_cached_tokens = num_blocks * cfg.block_size
-        log.info("backend %s on %s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", self.backend.name,
-                 self.device, num_blocks, cfg.block_size, self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
+        if cfg.runtime == "onnx":
+            self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider)
+            running = f"ONNX Runtime ({self.runner.provider}, {str(dtype).removeprefix('torch.')})"
+        else:
+            self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+            running = f"backend {self.backend.name} on {self.device}"
+        log.info("%s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", running, num_blocks, cfg.block_size,
+                 self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
                  "".join(f"\n  {line}" for line in layout.describe()))
         prefix_caching = cfg.enable_prefix_caching and not num_slots
         if cfg.enable_prefix_caching and not prefix_caching:
@@ -64,7 +76,6 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}
@@ -196,6 +207,8 @@ class LLMEngine:
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since start-up, per MoE layer."""
+        if self.model is None:  # ONNX graphs keep no counters
+            return {}
         return {i: layer.ffn.experts.load.tolist() for i, layer in enumerate(self.model.layers) if hasattr(layer.ffn, "experts")}
 
     def stats(self) -> dict:

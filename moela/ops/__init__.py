@@ -66,7 +66,12 @@ def load(name: str) -> Backend:
     """The backend `name` with the reference filling the ops it leaves out (ImportError if its library is absent)."""
     if name not in BACKENDS:
         raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
-    module = importlib.import_module(f"moela.ops.{name}")
+    return backend_of(name, importlib.import_module(f"moela.ops.{name}"))
+
+
+def backend_of(name: str, module) -> Backend:
+    """The ops `module` defines, the reference's for the rest (also for modules outside BACKENDS, such as
+    the export-only ops of moela/ops/export.py)."""
     return Backend(name, **{op: getattr(module, op, getattr(reference, op)) for op in OPS})
 
 

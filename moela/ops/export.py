@@ -1,0 +1,63 @@
+"""Graph-friendly ops for tracing a model into a graph file (ONNX): used by moela/export.py only, never
+an engine backend.
+
+    backend = ops.backend_of("export", moela.ops.export)
+    quantize.prepare(model, backend)                       # then trace it with a StepContext.padded
+
+The reference plans attention on the host from Python lists and runs the routed experts through
+torch's grouped matmul, which has no ONNX op. Here every length lives in a tensor: a step is a padded
+batch of B sequences with S new rows each (StepContext.padded), whose positions run on from
+positions[:, 0], the length of what the sequence has cached. A graph never writes the cache (an output
+that updates an input copies the whole cache every step): attention reads the cached prefix from the
+cache and this step's rows from `latent`, and whoever runs the graph writes those rows into the cache
+after the step (moela/export.py has store_latent collect them as graph outputs). Rows past a sequence's real ones are padding: they see only rows before them,
+so they never change a real row, and the caller drops them. Other ops are the reference's.
+Letters: B sequences, S new rows per sequence, h heads, w latent width, c value width, t cached keys.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor, ctx, scale: float,
+                     value_dim: int) -> torch.Tensor:
+    """Absorbed MLA: row s of sequence b attends its cached keys before positions[b, 0] and its own new
+    rows 0..s -> [B*S, h, value_dim]. q [B*S, h, w]; latent [B*S, w]; cache [num_blocks, block_size, w]."""
+    B = ctx.block_tables.shape[0]
+    T, h, w = q.shape
+    positions = ctx.positions.view(B, -1)  # [B, S]
+    S = positions.shape[1]
+    cached = cache[ctx.block_tables].view(B, -1, w)  # [B, t, w]: the table's blocks, whole
+    keys = torch.cat([cached, latent.view(B, S, w)], dim=1)  # [B, t + S, w]
+    old = torch.arange(cached.shape[1], device=q.device) < positions[:, :1]  # [B, t]: cached before the step
+    new = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # [S, S]: row s sees new rows <= s
+    visible = torch.cat([old[:, None, :].expand(B, S, -1), new[None].expand(B, S, S)], dim=2)  # [B, S, t + S]
+    scores = torch.einsum("bshw,btw->bsht", q.view(B, S, h, w), keys).float() * scale
+    probs = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(dim=-1).to(keys.dtype)
+    out = torch.einsum("bsht,btc->bshc", probs, keys[..., :value_dim])  # [B, S, h, c]
+    return out.reshape(T, h, value_dim)
+
+
+@torch.library.custom_op("moela::moe", mutates_args=())
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Routed experts, one gather / two matmuls / one scatter-add per expert over the tokens routed to
+    it, so a step reads only the experts its tokens chose. One opaque op to the tracer (a custom op
+    with a shape-only fake below): traced as Python, each expert's data-dependent row count would be a
+    symbol of its own, and tracing a 64-expert layer would take minutes. moela/export.py writes the
+    same loop in ONNX ops (NonZero gives each expert's rows)."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(indices == e)  # [n] each: the tokens routed to e, and which of their k
+        g, u = F.linear(x[token], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, w2[e])  # [n, d]
+        out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+    return out
+
+
+@moe.register_fake
+def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def plan(ctx) -> None:
+    """Nothing to plan: a graph reads its indices from the step's tensors."""
