@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 20  # the dynamo exporter's translations (aten::rms_norm among them) need at least this
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 WEIGHTS = "weights.data"
+ORT_DTYPES = (torch.float32, torch.float16)  # what ONNX Runtime's CPU kernels run (bfloat16: hardly any)
 ALIGN = 4096  # tensor offsets in weights.data, so a runtime can map them from the page cache
 GRAPHS = ("prefill", "decode")
 CACHE_FIELDS = ("name", "kind", "width", "tokens_per_entry", "entries_per_sequence")  # a CacheSpec in the manifest (dtype: the graphs')
@@ -124,7 +126,8 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
     for name in GRAPHS:
         args, dims, inputs, outputs = example_inputs(model, decode=name == "decode")
         log.info("tracing the %s graph (%d layers)", name, cfg.num_hidden_layers)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals (axis renaming, deprecations)
             program = torch.onnx.export(StepGraph(model, decode=name == "decode").eval(), args, dynamic_shapes=dims, dynamo=True,
                                         opset_version=opset, input_names=inputs, output_names=outputs, verbose=False,
                                         custom_translation_table={torch.ops.moela.moe.default: onnx_moe}, optimize=False)
@@ -184,3 +187,34 @@ def save_graphs(graphs: dict, out: Path) -> None:
                                                       name=name, base_dir=out)
     for name, model in graphs.items():
         ir.save(model, out / f"{name}.onnx")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moela export", description="Export a model for another runtime.",
+                                formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="format", required=True)
+    onnx = sub.add_parser("onnx", formatter_class=HelpFormatter, help="prefill and decode ONNX graphs around the latent cache",
+                          description="Prefill and decode ONNX graphs of the absorbed-MLA step, the paged latent cache as "
+                                      "inputs and its new rows as outputs; run them with --runtime onnx.")
+    onnx.add_argument("model", help="model directory (a checkpoint moela runs)")
+    onnx.add_argument("out", help="directory to write the graphs, weights.data, manifest.json and the tokenizer to")
+    onnx.add_argument("--dtype", choices=[k for k, v in DTYPES.items() if v in ORT_DTYPES], default="float32",
+                      help="weight and cache dtype of the graphs")
+    onnx.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):  # the exporter's progress notes
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        out = export_onnx(args.model, args.out, DTYPES[args.dtype], args.opset)
+    except (MoelaError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = (out / WEIGHTS).stat().st_size
+    print(f"wrote {out}: {', '.join(f'{g}.onnx' for g in GRAPHS)}, {WEIGHTS} ({size / 2**20:.1f} MiB), manifest.json; "
+          f"run it with: moela generate --model {out} --runtime onnx \"...\"")
+    return 0

@@ -153,3 +153,27 @@ def test_expert_loop_equals_the_grouped_matmul():
 
     (args, _), = op_inputs("moe", torch.float32)
     assert rel_err(expert_loop(*args, linear), moe(*args)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_export_ops_match_the_reference(dtype):
+    """moela/ops/export.py (export only, not an engine backend): attention on a padded step, which reads
+    the cache only before each sequence's new rows, against the reference on the same step packed with
+    those rows stored; the routed experts as the reference runs them."""
+    from moela.ops import export
+
+    ctx = paged_context()
+    (q, cache, latent, *_), _ = op_inputs("latent_attention", dtype)[0]
+    stored = cache.clone()
+    slots = [int(ctx.block_tables[b, p // 4]) * 4 + p % 4 for b, (n, kv) in enumerate(zip(ctx.q_lens, ctx.kv_lens))
+             for p in range(kv - n, kv)]
+    ops.REFERENCE.store_latent(stored, torch.tensor(slots), latent)
+    ref = run_op(ops.REFERENCE, "latent_attention", (q, stored, latent, ctx, 0.2, 16))
+    S = max(ctx.q_lens)
+    real = [b * S + j for b, n in enumerate(ctx.q_lens) for j in range(n)]  # the padded step's rows of the packed ones
+    pad = lambda t: t.new_zeros(len(ctx.q_lens) * S, *t.shape[1:]).index_copy_(0, torch.tensor(real), t)  # noqa: E731
+    positions = torch.tensor([[kv - n + j for j in range(S)] for n, kv in zip(ctx.q_lens, ctx.kv_lens)])
+    ours = export.latent_attention(pad(q), cache, pad(latent), StepContext.padded(positions, ctx.block_tables, 4), 0.2, 16)
+    assert ours.dtype == ref.dtype and rel_err(ours[real], ref) < TOL[dtype]
+    (args, _), = op_inputs("moe", dtype)
+    assert rel_err(export.moe(*args), ops.REFERENCE.moe(*args)) < TOL[dtype]

@@ -31,7 +31,7 @@ from moela.models.context import CacheSpec
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "cann": "CANNExecutionProvider"}
-ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16}
+ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16}  # the dtypes `moela export onnx` writes
 
 
 def read_manifest(path: Path) -> tuple[list[list[CacheSpec]], torch.dtype]:

@@ -107,13 +107,17 @@ def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
     from moela import ops
     from moela.config import EngineConfig, ModelConfig, model_dir
     from moela.engine.llm import LLMEngine
+    from moela.engine.onnx_runner import read_manifest
 
     path = model_dir(args.model)
     engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                              max_model_len=args.max_model_len,
+                              runtime=args.runtime, provider=args.provider, max_model_len=args.max_model_len,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     engine_cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before the server starts
-    ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
+    if engine_cfg.runtime == "torch":
+        ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
+    else:
+        read_manifest(path)  # and a directory that is no export
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")
     cfg = ServerConfig(model_name=served_name(args), api_key=args.api_key,
