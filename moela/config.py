@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moela.errors import ConfigError
-from moela.ops import BACKENDS
+from moela.ops import BACKENDS, load_device
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
 RUNTIMES = ("torch", "onnx")  # torch: moela's model and backends; onnx: graphs from `moela export onnx` on ONNX Runtime
@@ -296,7 +296,7 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | Path | None = None  # None: the embedded default model
     dtype: str = "bfloat16"  # a key of DTYPES
-    device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", ...)
+    device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", "npu" with torch_npu, ...)
     backend: str = "auto"  # "auto": the fastest backend for the device and dtype; or a name in moela.ops.BACKENDS
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_memory: int | str | None = None  # bytes ("4GiB" works); default: max_num_seqs full contexts, <= 1/4 of memory
@@ -328,6 +328,7 @@ class EngineConfig:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len = {self.max_model_len!r} is invalid: must be an integer >= 2")
+        load_device(self.device)  # "npu": torch_npu registers the device type
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -361,7 +362,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The EngineConfig flags every command that runs the engine shares."""
-    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, npu (torch_npu), ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",

@@ -144,26 +144,23 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
     return out
 
 
-def onnx_moe(x, weights, indices, w13, w2):
+def onnx_moe(x, weights, indices, w13: list, w2: list):
     """moela::moe (moela/ops/export.py) in ONNX ops: the same loop over experts, each expert's rows from
-    NonZero on its routing weights (a routed token whose weight is exactly 0 would add nothing anyway).
-    Gathering one expert's weights by a constant index is folded into an initializer when ONNX Runtime
-    loads the graph, so a step copies no weights."""
+    NonZero on its routing weights (a routed token whose weight is exactly 0 would add nothing anyway),
+    each expert's weights initializers of their own."""
     from onnxscript import ir
     from onnxscript import opset20 as op
 
-    n_experts = w13.shape[0]
+    n_experts = len(w13)
     shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[n_experts]), axis=0)
     routed = op.ScatterElements(op.ConstantOfShape(shape, value=ir.tensor([0.0])), indices, weights, axis=1)  # [T, E]
     routed = op.CastLike(op.Transpose(routed, perm=[1, 0]), x)  # [E, T]
     out = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Shape(x))
     for e in range(n_experts):
-        expert = op.Constant(value_int=e)
-        weight = op.Gather(routed, expert, axis=0)  # [T]
+        weight = op.Gather(routed, op.Constant(value_int=e), axis=0)  # [T]
         rows = op.Transpose(op.NonZero(weight), perm=[1, 0])  # [n, 1]: the tokens routed to e
-        gate_up = op.Gemm(op.GatherND(x, rows), op.Gather(w13, expert, axis=0), transB=1)  # [n, 2I]
-        g, u = op.Split(gate_up, num_outputs=2, axis=-1)
-        y = op.Gemm(op.Mul(op.Mul(g, op.Sigmoid(g)), u), op.Gather(w2, expert, axis=0), transB=1)  # [n, d]
+        g, u = op.Split(op.Gemm(op.GatherND(x, rows), w13[e], transB=1), num_outputs=2, axis=-1)  # [n, I] each
+        y = op.Gemm(op.Mul(op.Mul(g, op.Sigmoid(g)), u), w2[e], transB=1)  # [n, d]
         out = op.ScatterND(out, rows, op.Mul(y, op.Unsqueeze(op.GatherND(weight, rows), [1])), reduction="add")
     return out
 

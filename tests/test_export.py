@@ -6,7 +6,6 @@ prompt logprobs, the provider fallback, `moela generate` and `moela serve` on th
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 pytest.importorskip("onnxscript", reason="moela export onnx needs the onnx extra")
 pytest.importorskip("onnxruntime", reason="runtime 'onnx' needs the onnx extra")
 
-from conftest import Stepper, engine_for, make_tokenizer  # noqa: E402
+from conftest import Stepper, engine_for  # noqa: E402
 from moela import SamplingParams, cli  # noqa: E402
 from moela.engine.cache import BlockManager, CacheLayout  # noqa: E402
 from moela.engine.onnx_runner import OnnxRunner, pad_groups, read_manifest  # noqa: E402
@@ -27,16 +26,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="session")
-def exported(hf_checkpoint, tmp_path_factory):
-    """variant -> (checkpoint directory, export directory); V3 gets a tokenizer and goes through the CLI."""
+def exported(hf_checkpoint, text_model, tmp_path_factory):
+    """variant -> (checkpoint directory, export directory); V3 is the one with a tokenizer, exported through the CLI."""
     cache: dict[str, tuple[Path, Path]] = {}
 
     def get(variant: str) -> tuple[Path, Path]:
         if variant not in cache:
-            src, _ = hf_checkpoint(variant)
-            if variant == "v3":
-                src = shutil.copytree(src, tmp_path_factory.mktemp("v3-tokenizer") / "model")
-                make_tokenizer(src)
+            src = text_model if variant == "v3" else hf_checkpoint(variant)[0]
             out = tmp_path_factory.mktemp(f"{variant}-onnx")
             if variant == "v3":
                 assert export_main(["onnx", str(src), str(out)]) == 0
@@ -142,7 +138,7 @@ def test_missing_provider_falls_back_to_the_cpu_with_one_warning(exported, caplo
 
 def test_runtime_onnx_refuses_a_directory_that_is_no_export(hf_checkpoint):
     src, _ = hf_checkpoint("v2")
-    with pytest.raises(ValueError, match="no manifest.json .* moela export onnx"):
+    with pytest.raises(ValueError, match="no manifest.json .* written by `moela export onnx`"):
         engine_for(src, runtime="onnx")
     with pytest.raises(ValueError, match="provider = 'cuda' applies to runtime 'onnx' only"):
         engine_for(src, provider="cuda")
@@ -177,7 +173,7 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
 
 def test_pad_groups_keeps_padding_under_twice_the_rows():
     assert pad_groups({0: 5, 1: 4, 2: 5}) == [[0, 2, 1]]
-    assert pad_groups({0: 1, 1: 40, 2: 3, 3: 30}) == [[1, 3], [2, 0]]
+    assert pad_groups({0: 1, 1: 40, 2: 3, 3: 30}) == [[1, 3, 2], [0]]  # 4 x 40 rows would pad 74 to 160
     for lengths in ({i: random.Random(i).randrange(1, 50) for i in range(9)},):
         groups = pad_groups(lengths)
         assert sorted(b for g in groups for b in g) == sorted(lengths)

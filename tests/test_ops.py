@@ -176,4 +176,24 @@ def test_export_ops_match_the_reference(dtype):
     ours = export.latent_attention(pad(q), cache, pad(latent), StepContext.padded(positions, ctx.block_tables, 4), 0.2, 16)
     assert ours.dtype == ref.dtype and rel_err(ours[real], ref) < TOL[dtype]
     (args, _), = op_inputs("moe", dtype)
-    assert rel_err(export.moe(*args), ops.REFERENCE.moe(*args)) < TOL[dtype]
+    assert rel_err(export.moe(*args[:3], *export.pack_experts(*args[3:])), ops.REFERENCE.moe(*args)) < TOL[dtype]
+
+
+def npu_unavailable() -> str | None:
+    try:
+        ops.load_device("npu")  # torch_npu registers the device type
+    except ops.BackendUnavailable as e:
+        return str(e)
+    return ops.why_unavailable("npu", torch.device("npu"), torch.bfloat16)
+
+
+@pytest.mark.skipif(npu_unavailable() is not None, reason=f"npu backend: {npu_unavailable()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_npu_ops_on_an_npu_match_the_reference_on_the_cpu(dtype):
+    """The ops test above runs on the CPU, where the npu backend skips; this one runs where an NPU is."""
+    npu = ops.select("npu", torch.device("npu"), dtype)
+    move = lambda v: v.to("npu") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    for op in ("rms_norm", "rope", "moe"):
+        for args, _ in op_inputs(op, dtype):
+            ours, ref = run_op(npu, op, tuple(move(a) for a in args)).cpu(), run_op(ops.REFERENCE, op, args)
+            assert ours.dtype == ref.dtype and rel_err(ours, ref) < TOL[dtype], op

@@ -48,8 +48,9 @@ def read_manifest(path: Path) -> tuple[list[list[CacheSpec]], torch.dtype]:
     return specs, dtype
 
 
-def start_sessions(path: Path, provider: str, threads: int) -> dict:
-    """{graph name: InferenceSession} on `provider`, or on the CPU after saying once why not."""
+def start_sessions(path: Path, provider: str, threads: int) -> tuple[dict, dict]:
+    """({graph name: InferenceSession} on `provider`, or on the CPU after saying once why not; the weights
+    they share, to keep alive with them)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -59,17 +60,46 @@ def start_sessions(path: Path, provider: str, threads: int) -> dict:
     if want not in available:
         log.warning("provider %r: this onnxruntime has no %s (it has %s); falling back to the CPU (CPUExecutionProvider)",
                     provider, want, ", ".join(available))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {}
-    for name in ("decode", "prefill"):
+    sessions, shared = {}, shared_weights(Path(path), ("decode", "prefill"))
+    for name, weights in shared.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy per session otherwise
+        for initializer, (_, value) in weights.items():
+            options.add_initializer(initializer, value)
         sessions[name] = ort.InferenceSession(str(Path(path) / f"{name}.onnx"), options, providers=chain)
         started = sessions[name].get_providers()[0]
         if started != chain[0]:
             log.warning("provider %r: %s did not start (onnxruntime's log above says why); falling back to the "
                         "CPU (CPUExecutionProvider)", provider, chain[0])
             chain = ["CPUExecutionProvider"]
-    return sessions
+    return sessions, shared
+
+
+def shared_weights(path: Path, graphs: tuple[str, ...]) -> dict[str, dict]:
+    """{graph: {initializer name: (array, OrtValue)}} over one read-only map of weights.data, so the graphs'
+    sessions read the same pages (which the page cache also shares between processes) instead of a copy
+    each. The OrtValues borrow the arrays' memory: keep both alive as long as the sessions."""
+    import onnx
+    import onnxruntime as ort
+
+    data = np.memmap(path / "weights.data", dtype=np.uint8, mode="r")
+    at_offset: dict[int, object] = {}
+    out = {}
+    for graph in graphs:
+        model = onnx.load(str(path / f"{graph}.onnx"), load_external_data=False)
+        out[graph] = {}
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            where = {entry.key: int(entry.value) for entry in tensor.external_data if entry.key in ("offset", "length")}
+            offset = where.get("offset", 0)
+            if offset not in at_offset:
+                values = data[offset : offset + where["length"]].view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+                values = values.reshape(tuple(tensor.dims))
+                at_offset[offset] = (values, ort.OrtValue.ortvalue_from_numpy(values))
+            out[graph][tensor.name] = at_offset[offset]
+    return out
 
 
 def pad_groups(lengths: dict[int, int]) -> list[list[int]]:
@@ -90,7 +120,7 @@ class OnnxRunner:
         if layout.dtype not in ORT_TYPES:
             raise ConfigError(f"{path}: graphs in {layout.dtype} cannot run here (export with --dtype float32 or float16)")
         self.block_size, self.element_type = layout.block_size, ORT_TYPES[layout.dtype]
-        self.sessions = start_sessions(path, provider, torch.get_num_threads())
+        self.sessions, self.weights = start_sessions(path, provider, torch.get_num_threads())
         self.provider = self.sessions["decode"].get_providers()[0]
         self.caches = layout.allocate(num_blocks, 0, torch.device("cpu"))
         self.inputs = [(f"{spec.name}.{i}", self.caches[i][spec.name]) for i, specs in enumerate(layout.specs) for spec in specs]

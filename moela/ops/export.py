@@ -38,15 +38,22 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor,
     return out.reshape(T, h, value_dim)
 
 
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One tensor per expert (views): each becomes a weight of its own in the graph, which a matmul reads
+    where it lies (a gather from the stacked weights would copy it, or fold into a second copy)."""
+    return list(w13.unbind(0)), list(w2.unbind(0))
+
+
 @torch.library.custom_op("moela::moe", mutates_args=())
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
+        w2: list[torch.Tensor]) -> torch.Tensor:
     """Routed experts, one gather / two matmuls / one scatter-add per expert over the tokens routed to
     it, so a step reads only the experts its tokens chose. One opaque op to the tracer (a custom op
     with a shape-only fake below): traced as Python, each expert's data-dependent row count would be a
     symbol of its own, and tracing a 64-expert layer would take minutes. moela/export.py writes the
     same loop in ONNX ops (NonZero gives each expert's rows)."""
     out = torch.zeros_like(x)
-    for e in range(w13.shape[0]):
+    for e in range(len(w13)):
         token, slot = torch.where(indices == e)  # [n] each: the tokens routed to e, and which of their k
         g, u = F.linear(x[token], w13[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(g) * u, w2[e])  # [n, d]
@@ -55,7 +62,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torc
 
 
 @moe.register_fake
-def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
+      w2: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty_like(x)
 
 
