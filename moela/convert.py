@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from moela.config import HelpFormatter, ModelConfig
 from moela.errors import CheckpointError, MoelaError
 from moela.loader import checkpoint_files, dequantize_fp8
-from moela.export import TOKENIZER_FILES
+from moela.tokenizer import TOKENIZER_FILES
 
 TOP = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "model.norm.weight": "decoder.final_layernorm.weight",
        "lm_head.weight": "output_layer.weight"}

@@ -42,11 +42,11 @@ from moela.loader import load_model
 from moela.models import StepContext, Transformer
 from moela.models.layers import OpsModule
 from moela.ops import export as export_ops
+from moela.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 20  # the dynamo exporter's translations (aten::rms_norm among them) need at least this
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 WEIGHTS = "weights.data"
 ORT_DTYPES = (torch.float32, torch.float16)  # what ONNX Runtime's CPU kernels run (bfloat16: hardly any)
 ALIGN = 4096  # tensor offsets in weights.data, so a runtime can map them from the page cache
@@ -96,17 +96,16 @@ def example_inputs(model: Transformer, decode: bool) -> tuple[tuple, tuple, list
     args = [torch.randint(0, model.cfg.vocab_size, shape), positions[:, 0] if decode else positions,
             torch.arange(B * blocks).view(B, blocks), None if decode else torch.tensor([[0, 3, 6]] * B)]
     Dim = torch.export.Dim
-    batch, rows = Dim("batch"), {0: Dim("batch")} if decode else {0: Dim("batch"), 1: Dim("new_tokens")}
+    batch, cache_dims = Dim("batch"), {0: Dim("num_blocks"), 1: Dim("block_size")}
+    rows = {0: batch} if decode else {0: batch, 1: Dim("new_tokens")}
     dims = [rows, rows, {0: batch, 1: Dim("table_blocks")}, None if decode else {0: batch, 1: Dim("logit_rows")}]
-    specs = [(layer, name, spec) for layer, layer_specs in enumerate(model.cache_specs()) for spec in layer_specs
-             for name in [spec.name]]
+    specs = [(layer, spec) for layer, layer_specs in enumerate(model.cache_specs()) for spec in layer_specs]
     caches = tuple(torch.zeros(num_blocks, block_size, spec.width, dtype=spec.dtype or model.embed.weight.dtype)
-                   for _, _, spec in specs)
-    cache_dims = tuple({0: Dim("num_blocks"), 1: Dim("block_size")} for _ in specs)
+                   for _, spec in specs)
     inputs = ["tokens", "positions", "block_tables"] + ([] if decode else ["logit_rows"])
-    inputs += [f"{name}.{layer}" for layer, name, _ in specs]
-    outputs = ["logits"] + [f"{name}.{layer}.new" for layer, name, _ in specs]
-    return (*args, *caches), (*dims, cache_dims), inputs, outputs
+    inputs += [f"{spec.name}.{layer}" for layer, spec in specs]
+    outputs = ["logits"] + [f"{spec.name}.{layer}.new" for layer, spec in specs]
+    return (*args, *caches), (*dims, (cache_dims,) * len(specs)), inputs, outputs
 
 
 def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, opset: int = MIN_OPSET) -> Path:
