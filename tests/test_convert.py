@@ -75,7 +75,7 @@ def test_an_mtp_layer_maps_to_mtp_layers_and_back(hf_checkpoint, tmp_path):
     hf = tensors(src)
     mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in hf.items() if k.startswith("model.layers.2.")}
     mtp |= {f"model.layers.3.{n}.weight": torch.ones(48) for n in ("enorm", "hnorm", "shared_head.norm")}
-    mtp |= {"model.layers.3.eh_proj.weight": torch.randn(48, 96), "model.layers.3.embed_tokens.weight": hf["model.embed_tokens.weight"].clone(),
+    mtp |= {"model.layers.3.eh_proj.weight": torch.randn(48, 96, generator=torch.Generator().manual_seed(0)), "model.layers.3.embed_tokens.weight": hf["model.embed_tokens.weight"].clone(),
             "model.layers.3.shared_head.head.weight": hf["lm_head.weight"].clone()}
     model = shutil.copytree(src, tmp_path / "model")
     save_file(hf | mtp, str(model / "model.safetensors"))

@@ -130,17 +130,20 @@ class OnnxRunner:
         last: dict[int, torch.Tensor] = {}
         every: dict[int, torch.Tensor] = {}
         decodes = [b for b, (_, n) in enumerate(batch) if n == 1 and b not in all_rows]
-        if decodes:
-            self._run("decode", [batch[b] for b in decodes], False, dict(zip(decodes, range(len(decodes)))), last, every)
         chunks = {b: n for b, (_, n) in enumerate(batch) if b not in decodes}
-        for group in pad_groups(chunks):
-            self._run("prefill", [batch[b] for b in group], any(b in all_rows for b in group),
-                      {b: i for i, b in enumerate(group)}, last, every, all_rows)
+        for graph, group in ([("decode", decodes)] if decodes else []) + [("prefill", g) for g in pad_groups(chunks)]:
+            all_logits = any(b in all_rows for b in group)
+            logits = self._run(graph, [batch[b] for b in group], all_logits)
+            for i, b in enumerate(group):
+                n = batch[b][1]
+                last[b] = logits[i] if graph == "decode" else logits[i, n - 1 if all_logits else 0]
+                if b in all_rows:
+                    every[b] = logits[i, :n]
         return torch.stack([last[b] for b in range(len(batch))]), every
 
-    def _run(self, graph: str, seqs: list[tuple[Sequence, int]], all_logits: bool, rows: dict[int, int],
-             last: dict, every: dict, all_rows: set[int] = frozenset()) -> None:
-        """One call of `graph` on seqs (batch entry b is row rows[b]); fills last and every, writes the caches."""
+    def _run(self, graph: str, seqs: list[tuple[Sequence, int]], all_logits: bool) -> torch.Tensor:
+        """One call of `graph` on seqs, whose new cache rows it writes; returns the logits ([B, V] decode,
+        [B, R, V] prefill: R = 1, the last row, or with all_logits every row)."""
         bs, S = self.block_size, max(n for _, n in seqs)
         starts = [seq.num_computed for seq, _ in seqs]
         width = max(1, max(math.ceil(s / bs) for s in starts))  # table blocks holding what is cached
@@ -165,8 +168,4 @@ class OnnxRunner:
         real = [i * S + j for i, (_, n) in enumerate(seqs) for j in range(n)]  # rows that are not padding
         for (_, cache), written in zip(self.inputs, new):
             cache.view(-1, cache.shape[-1])[slots] = written.reshape(-1, cache.shape[-1])[real].to(cache.dtype)
-        for b, i in rows.items():
-            n = seqs[i][1]
-            last[b] = logits[i] if graph == "decode" else logits[i, n - 1 if all_logits else 0]
-            if b in all_rows:
-                every[b] = logits[i, :n]
+        return logits

@@ -7,11 +7,12 @@ an engine backend.
 The reference plans attention on the host from Python lists and runs the routed experts through
 torch's grouped matmul, which has no ONNX op. Here every length lives in a tensor: a step is a padded
 batch of B sequences with S new rows each (StepContext.padded), whose positions run on from
-positions[:, 0], the length of what the sequence has cached. A graph never writes the cache (an output
-that updates an input copies the whole cache every step): attention reads the cached prefix from the
-cache and this step's rows from `latent`, and whoever runs the graph writes those rows into the cache
-after the step (moela/export.py has store_latent collect them as graph outputs). Rows past a sequence's real ones are padding: they see only rows before them,
-so they never change a real row, and the caller drops them. Other ops are the reference's.
+positions[:, 0], the length of what the sequence has cached. A graph never writes the cache (an
+output that updates an input copies the whole cache every step): attention reads the cached prefix
+from the cache and this step's rows from `latent`, and whoever runs the graph writes those rows into
+the cache after it (moela/export.py has store_latent collect them as graph outputs). Rows past a
+sequence's real ones are padding: they see only rows before them, so they never change a real row,
+and the caller drops them. Other ops are the reference's, which trace as they are.
 Letters: B sequences, S new rows per sequence, h heads, w latent width, c value width, t cached keys.
 """
 
