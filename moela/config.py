@@ -25,9 +25,11 @@ from moela.ops import BACKENDS, load_device
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
 RUNTIMES = ("torch", "onnx")  # torch: moela's model and backends; onnx: graphs from `moela export onnx` on ONNX Runtime
 PROVIDERS = ("cpu", "cuda", "cann")  # ONNX Runtime's execution providers that runtime "onnx" takes
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "deepseek_v4")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+V4_LAYER_TYPES = {0: "sliding", 4: "csa", 128: "hca", "sliding_attention": "sliding",  # config spellings -> ours
+                  "compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}
 # Every dtype name moela takes, and its bytes per value. The first six (long and short spellings) are
 # what weights and caches run in: LLM(dtype=...), EngineConfig, --dtype. fp8, int8 and int4 are
 # storage formats that the cost model plans with (`moela cost --dtype`).
@@ -71,6 +73,17 @@ def model_dir(name: str | Path | None) -> Path:
     raise ConfigError(f"{name}: no such model directory{hint}")
 
 
+_V32_DEFAULTS = dict(_V3_DEFAULTS, max_position_embeddings=163840, index_n_heads=64, index_head_dim=128,
+                    index_topk=2048)
+_V4_DEFAULTS = dict(  # DeepSeek-V4-Flash, as transformers' DeepseekV4Config defaults it
+    vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43, num_attention_heads=64,
+    head_dim=512, q_lora_rank=1024, num_experts_per_tok=6, n_routed_experts=256, n_shared_experts=1,
+    scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5, max_position_embeddings=1048576,
+    rope_theta=10000.0, compress_rope_theta=160000.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+    swiglu_limit=10.0, sliding_window=128, o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128,
+    index_topk=512, num_hash_layers=3, bos_token_id=0, eos_token_id=1, qk_rope_head_dim=64)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -90,6 +103,35 @@ class QuantConfig:
     quant_method: str = "fp8"
     fmt: str = "e4m3"
     weight_block_size: tuple[int, int] = (128, 128)
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """The lightning indexer of DeepSeek-V3.2's sparse attention and V4's CSA layers."""
+
+    n_heads: int
+    head_dim: int
+    topk: int
+
+
+@dataclass(frozen=True)
+class V4Config:
+    """What DeepSeek-V4 adds: one shared K=V head per layer, sliding-window attention with compressed
+    (CSA, HCA) entries, the grouped output projection, hyper-connections, hash routing, clamped SwiGLU."""
+
+    head_dim: int
+    o_groups: int
+    o_lora_rank: int
+    sliding_window: int
+    layer_types: tuple[str, ...]  # per layer: "sliding", "csa" or "hca"
+    hash_layers: tuple[bool, ...]  # per layer: routed by tid2eid[token] instead of the learned top-k
+    csa_rate: int
+    hca_rate: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    swiglu_limit: float
+    compress_rope: RopeConfig  # CSA/HCA layers, their compressors and indexers; sliding layers use ModelConfig.rope
 
 
 @dataclass(frozen=True)
@@ -127,6 +169,8 @@ class ModelConfig:
     quantization: QuantConfig | None = None
     hidden_act: str = "silu"
     num_nextn_predict_layers: int = 0
+    indexer: IndexerConfig | None = None  # V3.2 (every layer) and V4 (CSA layers)
+    v4: V4Config | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
@@ -150,18 +194,26 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"field 'model_type' = {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
-        defaults = _V2_DEFAULTS if model_type == "deepseek_v2" else _V3_DEFAULTS
+        defaults = {"deepseek_v2": _V2_DEFAULTS, "deepseek_v32": _V32_DEFAULTS, "deepseek_v4": _V4_DEFAULTS}.get(
+            model_type, _V3_DEFAULTS)
         get = lambda k: raw[k] if k in raw else defaults.get(k)  # noqa: E731
         eos = get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        names = {f.name for f in fields(cls)} - {"rope", "eos_token_ids", "quantization", "model_type"}
+        names = {f.name for f in fields(cls)} - {"rope", "eos_token_ids", "quantization", "model_type", "indexer", "v4"}
         nullable = {"q_lora_rank", "n_group", "topk_group", "bos_token_id"}  # null means "none", not "default"
         kwargs = {k: get(k) for k in names if get(k) is not None or (k in nullable and k in raw)}
         if kwargs.get("num_experts_per_tok") is None:
             kwargs["num_experts_per_tok"] = 0 if model_type == "deepseek_v2" else 8
         if model_type == "deepseek_v2":
             kwargs["rope_interleave"] = True  # V2 always rotates interleaved pairs
-        cfg = cls(model_type=model_type, rope=_rope_from_dict(raw), eos_token_ids=eos_ids,
+        if model_type == "deepseek_v32":
+            kwargs |= dict(rope_interleave=True, first_k_dense_replace=_leading_dense(raw, kwargs))
+        if model_type in ("deepseek_v32", "deepseek_v4"):
+            kwargs["indexer"] = IndexerConfig(get("index_n_heads"), get("index_head_dim"), get("index_topk"))
+        if model_type == "deepseek_v4":
+            kwargs |= _v4_fields(raw, get)
+        rope = RopeConfig(theta=float(get("rope_theta"))) if model_type == "deepseek_v4" else _rope_from_dict(raw)
+        cfg = cls(model_type=model_type, rope=rope, eos_token_ids=eos_ids,
                   quantization=_quant_from_dict(raw.get("quantization_config")), **kwargs)
         cfg.validate()
         return cfg
@@ -173,8 +225,15 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or value <= 0 and not (name == "kv_lora_rank" and self.v4):
                 raise bad(name, "must be a positive integer")
+        if self.model_type in ("deepseek_v32", "deepseek_v4") and not self.q_lora_rank:
+            raise bad("q_lora_rank", f"must be a positive integer for {self.model_type}")
+        if self.indexer and any(not isinstance(v, int) or v <= 0 for v in vars(self.indexer).values()):
+            raise ConfigError(f"fields 'index_n_heads/index_head_dim/index_topk' = {tuple(vars(self.indexer).values())} "
+                              "must be positive integers")
+        if self.v4:
+            _validate_v4(self)
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise bad("q_lora_rank", "must be a positive integer or null")
         if self.qk_rope_head_dim % 2:
@@ -239,6 +298,56 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace
+
+
+def _leading_dense(raw: dict[str, Any], kwargs: dict) -> int:
+    """V3.2 may spell first_k_dense_replace as mlp_layer_types: dense layers first, then sparse ones."""
+    types = raw.get("mlp_layer_types")
+    if types is None:
+        return kwargs["first_k_dense_replace"]
+    n = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if any(t != "sparse" for t in types[n:]):
+        raise ConfigError(f"field 'mlp_layer_types' = {types!r} is not supported: dense layers must all come first")
+    return n
+
+
+def _v4_fields(raw: dict[str, Any], get) -> dict[str, Any]:
+    """ModelConfig fields of a V4 config.json, as transformers writes it or as DeepSeek ships it."""
+    n, head_dim = get("num_hidden_layers"), get("head_dim")
+    rope_dim = raw.get("qk_rope_head_dim") or round(head_dim * raw.get("partial_rotary_factor", 64 / 512))
+    rates = dict(raw.get("compress_rates") or {})
+    kinds = raw.get("layer_types") or raw.get("compress_ratios") or ["hca"] * min(n, 2) + [
+        "csa" if i % 2 else "hca" for i in range(max(n - 2, 0))]
+    unknown = [k for k in kinds[:n] if k not in V4_LAYER_TYPES and k not in ("csa", "hca")]
+    if unknown:
+        raise ConfigError(f"field 'layer_types' = {unknown[0]!r} is not a DeepSeek-V4 attention type")
+    hashes = raw.get("mlp_layer_types") or ["hash_moe"] * get("num_hash_layers") + ["moe"] * n
+    params = raw.get("rope_parameters") or {}
+    compress = params.get("compress") if isinstance(params.get("compress"), dict) else dict(
+        raw.get("rope_scaling") or {}, rope_theta=get("compress_rope_theta"), attention_factor=1.0)
+    v4 = V4Config(
+        head_dim=head_dim, o_groups=get("o_groups"), o_lora_rank=get("o_lora_rank"), sliding_window=get("sliding_window"),
+        layer_types=tuple(V4_LAYER_TYPES.get(k, k) for k in kinds[:n]),
+        hash_layers=tuple(t == "hash_moe" for t in hashes[:n]),
+        csa_rate=rates.get("compressed_sparse_attention", raw.get("compress_rate_csa", 4)),
+        hca_rate=rates.get("heavily_compressed_attention", raw.get("compress_rate_hca", 128)),
+        hc_mult=get("hc_mult"), hc_sinkhorn_iters=get("hc_sinkhorn_iters"), hc_eps=get("hc_eps"),
+        swiglu_limit=get("swiglu_limit"), compress_rope=_rope_from_dict({**raw, "rope_parameters": compress}))
+    return dict(v4=v4, kv_lora_rank=0, qk_nope_head_dim=head_dim - rope_dim, qk_rope_head_dim=rope_dim,
+                v_head_dim=head_dim, intermediate_size=get("moe_intermediate_size"), first_k_dense_replace=0,
+                topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=True, rope_interleave=True)
+
+
+def _validate_v4(cfg: "ModelConfig") -> None:
+    v4 = cfg.v4
+    for name in ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "hc_mult",
+                 "hc_sinkhorn_iters"):
+        if not isinstance(getattr(v4, name), int) or getattr(v4, name) <= 0:
+            raise ConfigError(f"field '{name}' = {getattr(v4, name)!r} must be a positive integer")
+    if len(v4.layer_types) != cfg.num_hidden_layers:
+        raise ConfigError(f"field 'layer_types' has {len(v4.layer_types)} entries for {cfg.num_hidden_layers} layers")
+    if cfg.num_attention_heads * v4.head_dim % v4.o_groups:
+        raise ConfigError(f"field 'o_groups' = {v4.o_groups} must divide num_attention_heads x head_dim")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -188,6 +188,9 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such checkpoint directory")
     cfg = ModelConfig.from_pretrained(src)
+    if cfg.model_type not in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+        raise CheckpointError(f"{src}: model_type {cfg.model_type!r} has no mindformers name table here (DeepSeek-V2/V3 "
+                              f"architecture only)")
     where = source_files(src, to)
     groups: dict[int | None, list[str]] = defaultdict(list)
     for name in where:

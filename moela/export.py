@@ -46,6 +46,7 @@ from moela.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
+EXPORTABLE = ("deepseek_v2", "deepseek_v3", "kimi_k2")  # MLA models; V3.2's indexer and V4's attention: not yet
 MIN_OPSET = 20  # the dynamo exporter's translations (aten::rms_norm among them) need at least this
 WEIGHTS = "weights.data"
 ORT_DTYPES = (torch.float32, torch.float16)  # what ONNX Runtime's CPU kernels run (bfloat16: hardly any)
@@ -118,6 +119,9 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
         raise ValueError(f"--opset {opset} is invalid: the exporter needs opset >= {MIN_OPSET}")
     src, out = model_dir(model_path), Path(out)
     cfg = ModelConfig.from_pretrained(src)
+    if cfg.model_type not in EXPORTABLE:
+        raise MoelaError(f"{src}: model_type {cfg.model_type!r} cannot be exported yet (its attention has no graph-friendly "
+                         f"ops); exportable: {', '.join(EXPORTABLE)}")
     model = load_model(src, dtype=dtype, cfg=cfg)
     quantize.prepare(model, ops.backend_of("export", export_ops))
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""HF safetensors checkpoint -> Transformer. The only place HF tensor names appear.
+"""safetensors checkpoint -> model, and model -> HF-format checkpoint (names: moela/names.py).
 
     model = load_model("path/to/model", dtype=torch.bfloat16)
 
@@ -6,13 +6,14 @@ The model is built on the meta device, materialized empty in the target dtype, t
 by tensor from memory-mapped files: peak memory is the model plus one tensor. Every header is
 checked and every name and shape matched against the config before a byte of weights is read, so
 a bad checkpoint fails with a CheckpointError naming the file and tensor, never half-loaded.
-FP8 e4m3 weights with block `weight_scale_inv` are dequantized on load; MTP layers are skipped.
+Dequantized on load: FP8 e4m3 weights with 128x128 block scales (fp32 `weight_scale_inv`, or V4's
+power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0 scales). MTP
+layers are skipped.
 """
 
 import json
 import logging
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -22,58 +23,17 @@ from tqdm import tqdm
 from moela.config import ModelConfig
 from moela.errors import CheckpointError
 from moela.models import Transformer, build_model
+from moela.names import LAYER_RE, MTP_NAMES, hf_names, map_name, to_hf, v4_target
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-          "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+                      "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.float4_e2m1fn_x2,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+PACKED = ("F4", "I8", "U8")  # how FP4 experts come: two e2m1 values per byte (F4 counts values, I8/U8 bytes)
 MAX_HEADER = 100 * 1024 * 1024
-
-# HF name (inside model.layers.N.) -> (our name, which half of a fused gate/up matrix or None)
-_LAYER_NAMES = {
-    "input_layernorm.weight": ("attn_norm.weight", None),
-    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
-    "self_attn.q_proj.weight": ("attn.wq.weight", None),
-    "self_attn.q_a_proj.weight": ("attn.wq_a.weight", None),
-    "self_attn.q_a_layernorm.weight": ("attn.q_norm.weight", None),
-    "self_attn.q_b_proj.weight": ("attn.wq_b.weight", None),
-    "self_attn.kv_a_proj_with_mqa.weight": ("attn.wkv_a.weight", None),
-    "self_attn.kv_a_layernorm.weight": ("attn.kv_norm.weight", None),
-    "self_attn.kv_b_proj.weight": ("attn.wkv_b.weight", None),
-    "self_attn.o_proj.weight": ("attn.wo.weight", None),
-    "mlp.gate_proj.weight": ("ffn.w13.weight", 0),
-    "mlp.up_proj.weight": ("ffn.w13.weight", 1),
-    "mlp.down_proj.weight": ("ffn.w2.weight", None),
-    "mlp.gate.weight": ("ffn.gate.weight", None),
-    "mlp.gate.e_score_correction_bias": ("ffn.gate.bias", None),
-    "mlp.shared_experts.gate_proj.weight": ("ffn.shared_experts.w13.weight", 0),
-    "mlp.shared_experts.up_proj.weight": ("ffn.shared_experts.w13.weight", 1),
-    "mlp.shared_experts.down_proj.weight": ("ffn.shared_experts.w2.weight", None),
-    "mlp.experts.gate_up_proj": ("ffn.experts.w13", None),  # transformers' fused layout
-    "mlp.experts.down_proj": ("ffn.experts.w2", None),
-}
-_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
-
-
-def map_name(hf_name: str) -> tuple[str, int | None, int | None] | None:
-    """HF tensor name -> (our parameter, expert index or None, gate/up half or None); None if unknown."""
-    if hf_name in _TOP:
-        return _TOP[hf_name], None, None
-    m = _LAYER.fullmatch(hf_name)
-    if not m:
-        return None
-    prefix, rest = f"layers.{m[1]}.", m[2]
-    if e := _EXPERT.fullmatch(rest):
-        proj = e[2]
-        name = "ffn.experts.w2" if proj == "down_proj" else "ffn.experts.w13"
-        return prefix + name, int(e[1]), (None if proj == "down_proj" else int(proj == "up_proj"))
-    if rest in _LAYER_NAMES:
-        name, half = _LAYER_NAMES[rest]
-        return prefix + name, None, half
-    return None
-
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
     """Validate a safetensors header; return {name: (dtype, shape)}."""
@@ -113,7 +73,7 @@ def _check_entries(file: Path, header: dict, data_size: int) -> dict[str, tuple[
             assert isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
         except (KeyError, TypeError, ValueError, AssertionError):
             raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor '{name}': {info!r}") from None
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize // (2 if dtype == "F4" else 1)
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: tensor '{name}' has {end - begin} bytes but dtype {dtype} x shape {shape} needs {nbytes}")
         spans.append((begin, end, name))
@@ -158,7 +118,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     for name, f in where.items():
         if name not in headers[f]:
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
-    plan = _plan(cfg, build_model(cfg, dtype, "meta"), where, headers)  # every check before any allocation
+    meta = build_model(cfg, dtype, "meta")
+    plan = (_plan_v4 if cfg.v4 else _plan)(cfg, meta, where, headers)  # every check before any allocation
     model = build_model(cfg, dtype, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
@@ -172,35 +133,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     return model.eval()
 
 
-def hf_names(cfg: ModelConfig, fused_experts: bool = False) -> list[str]:
-    """Every tensor name a complete checkpoint for cfg holds (MTP layers and FP8 scales aside)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    attn = ["q_proj"] if cfg.q_lora_rank is None else ["q_a_proj", "q_a_layernorm", "q_b_proj"]
-    attn += ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [f"{p}self_attn.{a}.weight" for a in attn]
-        mlp = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-        if cfg.is_moe_layer(i):
-            mlp = ["mlp.gate"] + [f"mlp.shared_experts.{w}" for w in ("gate_proj", "up_proj", "down_proj") if cfg.n_shared_experts]
-            if fused_experts:
-                names += [p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"]
-            else:
-                names += [f"{p}mlp.experts.{e}.{w}.weight" for e in range(cfg.n_routed_experts) for w in ("gate_proj", "up_proj", "down_proj")]
-            if cfg.topk_method == "noaux_tc":
-                names.append(p + "mlp.gate.e_score_correction_bias")
-        names += [f"{p}{m}.weight" for m in mlp]
-    return names
-
-
 def _plan(cfg: ModelConfig, model: Transformer, where: dict[str, Path], headers: dict) -> dict:
     """Match every checkpoint tensor to a parameter slice and check shapes, before loading anything."""
     shapes = {n: list(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     present = {n for n in where if not n.endswith("weight_scale_inv")}
-    mtp = {n for n in present if (m := _LAYER.fullmatch(n)) and int(m[1]) >= cfg.num_hidden_layers}
+    mtp = {n for n in present if (m := LAYER_RE.fullmatch(n)) and int(m[1]) >= cfg.num_hidden_layers}
     if mtp:
-        layers = sorted({int(_LAYER.fullmatch(n)[1]) for n in mtp})
+        layers = sorted({int(LAYER_RE.fullmatch(n)[1]) for n in mtp})
         log.debug("skipping %d tensors of the MTP layer(s) %s (not used for inference)", len(mtp), layers)
     present -= mtp
     if cfg.tie_word_embeddings and "lm_head.weight" in present:
@@ -230,6 +169,47 @@ def _plan(cfg: ModelConfig, model: Transformer, where: dict[str, Path], headers:
     return plan
 
 
+def _plan_v4(cfg: ModelConfig, model: torch.nn.Module, where: dict[str, Path], headers: dict) -> dict:
+    """Match every V4 tensor (DeepSeek's names or transformers') to a parameter slice; check shapes, and that
+    the slices fill every parameter exactly once, before loading anything."""
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
+    plan, filled = {}, {}
+    for name, f in where.items():
+        if _is_scale(name, where) or name.startswith(("mtp.", "model.mtp.")):
+            continue  # scales are read with their weights; the MTP module is not used for inference
+        target = v4_target(name)
+        param, expert, half = target
+        if param not in shapes:
+            raise CheckpointError(f"{f}: unexpected tensor '{name}' for this config")
+        want = shapes[param][1:] if expert is not None else list(shapes[param])
+        if half is not None:
+            want[0] //= 2
+        dtype, shape = headers[f][name]
+        packed = dtype in PACKED and dtype != "F4" and shape[:-1] == want[:-1] and 2 * shape[-1] == want[-1]
+        if list(shape) != want and not packed:
+            raise CheckpointError(f"{f}: tensor '{name}' has shape {shape}, expected {want}")
+        if (dtype in ("F8_E4M3", "F4") or packed) and _scale_name(name, where) is None:
+            raise CheckpointError(f"{f}: quantized tensor '{name}' has no block scale ('.scale' or '_scale_inv')")
+        if target in filled:
+            raise CheckpointError(f"{f}: tensor '{name}' fills '{param}' a second time")
+        filled[target], plan[name] = math.prod(want), (f, target)
+    for param, shape in shapes.items():
+        if sum(n for (p, _, _), n in filled.items() if p == param) != math.prod(shape):
+            raise CheckpointError(f"{next(iter(where.values())).parent}: missing tensors of '{param}' "
+                                  "(checkpoint incomplete for this config)")
+    return plan
+
+
+def _is_scale(name: str, where: dict) -> bool:
+    """A block scale: `X.weight_scale_inv`, or `X.scale` beside an `X.weight` (mHC's `attn_hc.scale` is none)."""
+    return name.endswith("_scale_inv") or name.endswith(".scale") and name.removesuffix(".scale") + ".weight" in where
+
+
+def _scale_name(name: str, where: dict) -> str | None:
+    """The block scale of a quantized weight: transformers' `X.weight_scale_inv` or DeepSeek's `X.scale`."""
+    return next((s for s in (name + "_scale_inv", name.removesuffix(".weight") + ".scale") if s in where), None)
+
+
 def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig) -> torch.Tensor:
     def get(name: str) -> torch.Tensor:
         f = where[name]
@@ -237,11 +217,24 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig)
             handles[f] = safe_open(str(f), framework="pt")
         return handles[f].get_tensor(name)
 
-    tensor = get(hf_name)
+    tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:
         block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
-        tensor = dequantize_fp8(tensor, get(hf_name + "_scale_inv"), block, f"{where[hf_name]}: tensor '{hf_name}'")
+        tensor = dequantize_fp8(tensor, get(_scale_name(hf_name, where)), block, what)
+    elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and _scale_name(hf_name, where):
+        tensor = dequantize_fp4(tensor, get(_scale_name(hf_name, where)), what)
     return tensor
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: int = 32) -> torch.Tensor:
+    """W[i, 2j], W[i, 2j+1] = e2m1 values of byte [i, j]'s low and high nibble, times S[i, j * 2 // block]."""
+    codes = packed.view(torch.uint8)
+    out_dim, in_dim = codes.shape[0], 2 * codes.shape[1]
+    if tuple(scale.shape) != (out_dim, math.ceil(in_dim / block)):
+        raise CheckpointError(f"{what}: its FP4 scale has shape {list(scale.shape)}, expected "
+                              f"{[out_dim, math.ceil(in_dim / block)]}")
+    values = FP4_VALUES[torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).long()]  # [out, in]
+    return values * scale.float().repeat_interleave(block, 1)[:, :in_dim]
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], what: str) -> torch.Tensor:
@@ -266,54 +259,13 @@ def _destination(params: dict[str, torch.Tensor], target: tuple) -> torch.Tensor
     return dest
 
 
-# Saving: our parameter names -> HF names, the inverse of the table above. The MTP module (its own
-# norms and projection around a full Block) is stored as layer num_hidden_layers, as DeepSeek-V3 does.
-_MTP_NAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-              "norm.weight": "shared_head.norm.weight"}
-
-
-def _inverse_layer_names() -> dict[str, list[tuple[str, int | None]]]:
-    """Our name inside a layer -> [(HF name, gate/up half or None)]; experts are split separately."""
-    inverse: dict[str, list[tuple[str, int | None]]] = {}
-    for hf, (ours, half) in _LAYER_NAMES.items():
-        if not hf.startswith("mlp.experts."):
-            inverse.setdefault(ours, []).append((hf, half))
-    return inverse
-
-
-_OURS = _inverse_layer_names()
-
-
-def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF tensors: fused gate/up split in halves, stacked experts split per expert."""
-    top = {ours: hf for hf, ours in _TOP.items()}
-    out = {}
-    for name, t in state.items():
-        if name in top:
-            out[top[name]] = t
-            continue
-        layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-        p = f"model.layers.{layer}."
-        if rest == "ffn.experts.w2":
-            out.update({f"{p}mlp.experts.{e}.down_proj.weight": w for e, w in enumerate(t)})
-        elif rest == "ffn.experts.w13":
-            for e, w in enumerate(t):
-                gate, up = w.chunk(2)  # [2I, d] -> gate rows, up rows
-                out[f"{p}mlp.experts.{e}.gate_proj.weight"], out[f"{p}mlp.experts.{e}.up_proj.weight"] = gate, up
-        elif rest in _MTP_NAMES:
-            out[p + _MTP_NAMES[rest]] = t
-        else:
-            out.update({p + hf: (t if half is None else t.chunk(2)[half]) for hf, half in _OURS[rest]})
-    return out
-
-
 def _mtp_state(mtp: torch.nn.Module, n_layers: int) -> dict[str, torch.Tensor]:
     """MTP parameters named as layer n_layers of the model: block.X -> layers.L.X, enorm -> layers.L.enorm."""
     return {f"layers.{n_layers}.{name.removeprefix('block.')}": t for name, t in mtp.state_dict().items()}
 
 
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                 "kimi_k2": "DeepseekV3ForCausalLM"}
+                 "kimi_k2": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
 
 
 def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None = None,
@@ -322,6 +274,8 @@ def save_model(model: Transformer, path: str | Path, mtp: torch.nn.Module | None
     the HF config dict the model was built from, path/config.json (loadable by moela and transformers)."""
     from safetensors.torch import save_file
 
+    if model.cfg.model_type == "deepseek_v4":
+        raise CheckpointError(f"cannot save {path}: writing DeepSeek-V4 checkpoints is not supported (V2, V3 and V3.2 are)")
     state = dict(model.state_dict())
     if mtp is not None:
         state |= _mtp_state(mtp, model.cfg.num_hidden_layers)
@@ -352,7 +306,7 @@ def load_mtp(mtp: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
     if extra:
         raise CheckpointError(f"{where[extra[0]]}: unexpected MTP tensor '{extra[0]}' for this config")
     params = _mtp_state(mtp, cfg.num_hidden_layers)  # shares storage with mtp's parameters
-    mtp_names = {hf: ours for ours, hf in _MTP_NAMES.items()}
+    mtp_names = {hf: ours for ours, hf in MTP_NAMES.items()}
     handles: dict[Path, object] = {}
     with torch.no_grad():
         for hf_name, want in expected.items():

@@ -6,24 +6,23 @@ kernels read, and every layer calling that backend's ops.
     prepare(model, backend)          # once, after loading; inference only unless the backend is the reference
 
 Projections go through the backend's pack_linear, routed experts through pack_experts (the reference
-keeps both as they are). MLA's wkv_b stays plain: the absorbed path slices it per head. The router
-weight is upcast to fp32 once (the router computes in fp32 anyway, so this is exact).
+keeps both as they are). A Linear the model also slices itself (`sliced`: MLA's wkv_b per head, V4's
+grouped wo_a) stays plain. The router weight is upcast to fp32 once (the router computes in fp32
+anyway, so this is exact).
 """
 
 import torch
 
-from moela.models.deepseek import MLA
-from moela.models.layers import Experts, Gate, Linear, OpsModule
+from moela.models.layers import Experts, Gate, HashGate, Linear, OpsModule
 from moela.ops import Backend
 
 
 @torch.no_grad()
 def prepare(model: torch.nn.Module, backend: Backend) -> None:
-    keep = {id(m.wkv_b) for m in model.modules() if isinstance(m, MLA)}
     for module in model.modules():
-        if isinstance(module, Linear) and id(module) not in keep:
+        if isinstance(module, Linear) and not module.sliced:
             _replace(module, "weight", backend.pack_linear(module.weight))
-        elif isinstance(module, Gate):
+        elif isinstance(module, (Gate, HashGate)):
             module.weight.data = module.weight.data.float()
         elif isinstance(module, Experts):
             for name, packed in zip(("w13", "w2"), backend.pack_experts(module.w13, module.w2)):

@@ -37,15 +37,31 @@ VARIANTS = {
         mscale=1.0, mscale_all_dim=0.8), rope_theta=10000.0)),
     "v2_yarn": ("deepseek_v2", dict(max_position_embeddings=2048, rope_scaling=dict(
         type="yarn", factor=40.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V3.2: V3 plus the lightning indexer; top-6 keys, so longer prompts attend sparsely (16 indexer
+    # heads: with few heads ReLU leaves exact-zero ties that topk orders arbitrarily)
+    "v32": ("deepseek_v32", dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                 index_n_heads=16, index_head_dim=16, index_topk=6)),
+    # DeepSeek-V4: every attention kind (a sliding-window layer, CSA every 4 tokens with a top-3 indexer, HCA
+    # every 8), a hash-routed first layer, two mHC streams, YaRN on the compressed branches
+    "v4": ("deepseek_v4", dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32, qk_rope_head_dim=8,
+        q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=48, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                               "heavily_compressed_attention", "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], compress_rates={"compressed_sparse_attention": 4,
+                                                                          "heavily_compressed_attention": 8},
+        sliding_window=8, hc_mult=2, hc_sinkhorn_iters=3, index_n_heads=16, index_head_dim=16, index_topk=3,
+        num_nextn_predict_layers=0, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1))),
 }
 
 
 def hf_class(model_type: str):
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+    import transformers
 
-    if model_type == "deepseek_v2":
-        return DeepseekV2Config, DeepseekV2ForCausalLM
-    return DeepseekV3Config, DeepseekV3ForCausalLM
+    name = {"deepseek_v2": "DeepseekV2", "deepseek_v32": "DeepseekV32", "deepseek_v4": "DeepseekV4"}.get(
+        model_type, "DeepseekV3")
+    return getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
 
 
 @torch.no_grad()
@@ -53,10 +69,17 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Spread weights so routing and attention are decisive (HF's init gives near-ties)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("tid2eid"):  # V4's hash routing table: distinct experts per token
+            n_experts = model.config.n_routed_experts
+            p.copy_(torch.stack([torch.randperm(n_experts, generator=g)[: p.shape[1]] for _ in range(p.shape[0])]))
         if not p.is_floating_point() or "inv_freq" in name:
             continue
         noise = torch.randn(p.shape, generator=g)
-        if "norm" in name:
+        if name.endswith(("sinks", "position_bias", "base", "hc_base")):  # V4's, zero in transformers' init
+            p.copy_(0.5 * noise)
+        elif name.endswith(("scale", "hc_scale")):
+            p.copy_(1 + 0.2 * noise)
+        elif "norm" in name:
             p.copy_(1 + 0.2 * noise)
         elif "e_score_correction_bias" in name:
             p.copy_(0.3 * noise)
@@ -69,7 +92,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 def build_hf(variant: str, seed: int = 0, **overrides):
     model_type, extra = VARIANTS[variant]
     config_cls, model_cls = hf_class(model_type)
-    cfg = config_cls(**{**BASE, **extra, **overrides})
+    cfg = config_cls(**{**({} if model_type == "deepseek_v4" else BASE), **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     randomize(model, seed)
@@ -101,9 +124,10 @@ class Stepper:
         from moela.engine.sequence import Sequence
         from moela.engine.sampler import SamplingParams
 
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        layout = CacheLayout(model.cache_specs(), model.embed.weight.dtype, block_size)
-        self.runner = Runner(model, layout, num_blocks)
+        layout = CacheLayout.fit(model.cache_specs(), model.embed.weight.dtype, block_size)
+        slots = n_seqs if layout.fixed_bytes_per_sequence else 0  # V4's window and compressor state
+        self.blocks = BlockManager(num_blocks, layout.block_size, enable_prefix_caching=False, num_slots=slots)
+        self.runner = Runner(model, layout, num_blocks, slots)
         self.seqs = [Sequence(str(i), 0, [], 0, SamplingParams(), None, None) for i in range(n_seqs)]
 
     def step(self, new_tokens: list[list[int]]) -> torch.Tensor:

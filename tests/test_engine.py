@@ -237,3 +237,46 @@ def test_allocated_cache_bytes_per_token_equal_the_cost_model(variant, hf_checkp
     allocated = sum(t.numel() * t.element_size() for layer in engine.runner.caches for t in layer.values())
     per_token = cost.cache_bytes_per_token(shape_from_model_config(engine.model_cfg), "bf16")
     assert allocated / engine.max_cached_tokens == engine.bytes_per_token == per_token
+
+
+@pytest.mark.parametrize("variant", ["v32", "v4"])
+def test_sparse_models_batch_share_prefixes_and_survive_preemption(variant, hf_checkpoint, caplog):
+    """V3.2 caches indexer keys beside the latent (prefix caching works: both are per-token, paged); V4 keeps a
+    window and compressor state per sequence (prefix caching is off, and says why). Outputs equal
+    transformers' whether requests share prefixes, arrive mid-flight, or get preempted and recomputed."""
+    import logging
+
+    path, hf = hf_checkpoint(variant)
+    system = prompts(1, seed=7, lo=24, hi=25)[0]
+    ps = [system + tail for tail in prompts(6, seed=8, lo=3, hi=14)]
+    refs = [hf_greedy(hf, p, 24) for p in ps]
+    big = engine_for(path, block_size=8, max_num_batched_tokens=20)  # chunked prefill too
+    outs = run(big, {0: [(ps[0], GREEDY)], 3: [(p, GREEDY) for p in ps[1:]]})
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    cached = [o.num_cached_tokens for o in outs[1:]]
+    assert cached == ([24] * 5 if variant == "v32" else [0] * 5)
+    with caplog.at_level(logging.INFO, logger="moela.engine.llm"):
+        small = engine_for(path, block_size=8, kv_cache_memory=big.bytes_per_token * 8 * 9
+                           + 6 * big.layout.fixed_bytes_per_sequence, max_num_seqs=6)
+    assert ("prefix caching is off" in caplog.text) == (variant == "v4")
+    outs = run(small, {0: [(p, GREEDY) for p in ps]})
+    assert small.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert small.blocks.num_free == small.blocks.num_blocks and len(small.blocks.free_slots) == small.blocks.num_slots
+
+
+@pytest.mark.parametrize("variant", ["v32", "v4"])
+def test_sparse_models_allocate_what_the_cost_model_counts(variant, hf_checkpoint):
+    """Per token (V3.2's latent + indexer keys; V4's compressed entries) and per sequence (V4's window and
+    compressor state), the engine allocates exactly the bytes moela's cost model counts."""
+    from moela.cost import formulas as cost
+    from moela.cost.catalog import shape_from_model_config
+
+    path, _ = hf_checkpoint(variant)
+    engine = engine_for(path, dtype="bfloat16", max_num_seqs=3)
+    shape = shape_from_model_config(engine.model_cfg)
+    layout, blocks = engine.layout, engine.blocks
+    allocated = {kind: sum(t.numel() * t.element_size() for layer in engine.runner.caches for t in layer.values()
+                           if (t.shape[0] == blocks.num_blocks) == paged) for kind, paged in (("paged", True), ("fixed", False))}
+    assert allocated["paged"] / engine.max_cached_tokens == engine.bytes_per_token == cost.cache_bytes_per_token(shape, "bf16")
+    assert allocated["fixed"] == 3 * layout.fixed_bytes_per_sequence == 3 * cost.cache_values_fixed(shape) * 2

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_hf, edit_config, rel_err
 from moela.errors import CheckpointError
-from moela.loader import dequantize_fp8, load_model
+from moela.loader import dequantize_fp8, load_model, save_model
 from moela.models import StepContext
 
 SEQ = [5, 17, 99, 3, 64, 12, 7, 88, 41]
@@ -253,3 +253,115 @@ def test_skipping_the_mtp_layer_is_not_news(caplog):
     with caplog.at_level(logging.INFO, logger="moela.loader"):
         load_model(DEFAULT_MODEL_DIR, dtype=torch.float32)
     assert not any("skipping" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+
+
+def test_fp4_dequantization_by_hand():
+    from moela.loader import dequantize_fp4
+
+    # e2m1 codes: 0.5 -> 1, -1 -> 8 | 2, 6 -> 7, 3 -> 5; low nibble first
+    packed = torch.tensor([[(10 << 4) | 1, (5 << 4) | 7]], dtype=torch.uint8)
+    scale = torch.tensor([[2.0, 0.25]]).to(torch.float8_e8m0fnu)  # UE8M0: powers of two
+    assert dequantize_fp4(packed, scale, "t", block=2).tolist() == [[1.0, -2.0, 1.5, 0.75]]
+    with pytest.raises(CheckpointError, match="t: its FP4 scale has shape \\[1, 1\\], expected \\[1, 2\\]"):
+        dequantize_fp4(packed, scale[:, :1], "t", block=2)
+
+
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def to_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (bytes [out, in/2], UE8M0 scales [out, ceil(in/block)]), rounding to the nearest e2m1."""
+    blocks = torch.nn.functional.pad(w, (0, -w.shape[1] % block)).view(w.shape[0], -1, block)
+    scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=1e-8) / 6)))  # [out, n_blocks]
+    x = (w / scale.repeat_interleave(block, 1)[:, : w.shape[1]]).clamp(-6, 6)
+    codes = (x.abs()[..., None] - FP4_GRID).abs().argmin(-1) | ((x < 0).long() << 3)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8), scale.to(torch.float8_e8m0fnu)
+
+
+def to_fp8_ue8m0(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (e4m3 [out, in], power-of-two scales per block)."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    padded = torch.nn.functional.pad(w, (0, cols * block - w.shape[1], 0, rows * block - w.shape[0]))
+    amax = padded.view(rows, block, cols, block).abs().amax(dim=(1, 3)).clamp(min=1e-8)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448)))
+    full = scale.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[:, : w.shape[1]]
+    return (w / full).to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+
+
+def deepseek_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our V4 state dict in DeepSeek's own names: per-expert w1/w2/w3, flat mHC names, no "model." prefix."""
+    import re
+
+    out = {}
+    for name, t in state.items():
+        if m := re.fullmatch(r"(layers\.\d+\.ffn\.)experts\.(w13|w2)", name):
+            for e, w in enumerate(t):
+                parts = {"w2": w} if m[2] == "w2" else dict(zip(("w1", "w3"), w.chunk(2)))
+                out.update({f"{m[1]}experts.{e}.{k}.weight": v for k, v in parts.items()})
+        elif m := re.fullmatch(r"(layers\.\d+\.ffn\.shared_experts\.)w13\.weight", name):
+            out.update({f"{m[1]}w1.weight": t.chunk(2)[0], f"{m[1]}w3.weight": t.chunk(2)[1]})
+        else:
+            out[re.sub(r"hc_(attn|ffn|head)\.(fn|base|scale)$", r"hc_\1_\2", name)] = t
+    return out
+
+
+def test_v4_in_deepseek_names_with_fp8_ue8m0_and_fp4_experts(hf_checkpoint, tmp_path):
+    """DeepSeek's format: e4m3 projections with power-of-two 128x128 `.scale`, e2m1 experts two per byte with
+    1x32 scales; loading dequantizes them to exactly the values the scales say."""
+    path, _ = hf_checkpoint("v4")
+    ref = load_model(path, dtype=torch.float32)
+    tensors, expected = {}, dict(ref.state_dict())
+    for name, t in deepseek_names(ref.state_dict()).items():
+        t = t.contiguous()
+        if ".experts." in name:
+            tensors[name], tensors[name[: -len("weight")] + "scale"] = to_fp4(t)
+        elif name.endswith(("wq_b.weight", "wkv.weight", "wo_b.weight")) and ".indexer." not in name:
+            tensors[name], tensors[name[: -len("weight")] + "scale"] = to_fp8_ue8m0(t)
+        else:
+            tensors[name] = t
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    model = load_model(tmp_path, dtype=torch.float32)
+    got = model.state_dict()
+    w = got["layers.1.ffn.experts.w13"][2, :24]  # expert 2's w1: FP4, 1x32 blocks of 2^k
+    assert not torch.equal(w, expected["layers.1.ffn.experts.w13"][2, :24])  # really quantized
+    q, s = to_fp4(expected["layers.1.ffn.experts.w13"][2, :24].contiguous())
+    from moela.loader import dequantize_fp4
+
+    assert torch.equal(w, dequantize_fp4(q, s, "w"))
+    wq = got["layers.2.attn.wq_b.weight"]
+    q8, s8 = to_fp8_ue8m0(expected["layers.2.attn.wq_b.weight"])
+    assert torch.equal(wq, q8.float() * s8.float())  # one 128x128 block at this size
+    assert torch.equal(got["layers.0.attn.wq_a.weight"], expected["layers.0.attn.wq_a.weight"])  # left in fp32
+
+
+def test_v4_in_transformers_module_names(hf_checkpoint, tmp_path):
+    """The names of transformers' modules (as its in-memory state dict has them, fused experts included)."""
+    path, hf = hf_checkpoint("v4")
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if "inv_freq" not in k}, tmp_path / "model.safetensors")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    ids = torch.randint(2, 128, (1, 19), generator=torch.Generator().manual_seed(5))
+    model = load_model(tmp_path, dtype=torch.float32)
+    ctx = StepContext.prefill([19])
+    with torch.no_grad():
+        assert rel_err(model.logits(model(ids[0], ctx.positions, ctx)), hf(ids).logits[0]) < 1e-4
+    bad = {k: v.contiguous() for k, v in hf.state_dict().items() if "inv_freq" not in k and "layers.2.attn_hc" not in k}
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors of 'layers.2.hc_attn.fn'"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["v2", "v3", "v32"])
+def test_save_model_round_trips_through_transformers(hf_checkpoint, tmp_path, variant):
+    src, hf = hf_checkpoint(variant)
+    save_model(load_model(src, dtype=torch.float32), tmp_path, config=json.loads((src / "config.json").read_text()))
+    assert rel_err(logits_of(load_model(tmp_path, dtype=torch.float32)), hf_logits(hf)) < 1e-5
+    again = type(hf).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert rel_err(hf_logits(again), hf_logits(hf)) < 1e-5
+
+
+def test_saving_v4_is_refused_by_name(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint("v4")
+    with pytest.raises(CheckpointError, match="DeepSeek-V4"):
+        save_model(load_model(src, dtype=torch.float32), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()

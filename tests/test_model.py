@@ -61,9 +61,11 @@ def test_naive_and_absorbed_paths_agree(variant, hf_checkpoint):
     assert rel_err(absorbed, naive) < TOL
 
 
-def test_chunked_prefill_on_cache_matches_one_shot(hf_checkpoint):
-    """A prompt fed in chunks attends its cached prefix through the absorbed path."""
-    path, _ = hf_checkpoint("v3")
+@pytest.mark.parametrize("variant", ["v3", "v32", "v4"])
+def test_chunked_prefill_on_cache_matches_one_shot(variant, hf_checkpoint):
+    """A prompt fed in chunks attends its cached prefix through the absorbed path (V3.2: the indexer's picks
+    over the cached keys; V4: the window ring, compressor rows pending across chunk ends)."""
+    path, _ = hf_checkpoint(variant)
     model = load_model(path, dtype=torch.float32)
     (seq,) = prompts(4, (30,))
     one = Stepper(model, 1, block_size=64).step([seq])
@@ -73,7 +75,7 @@ def test_chunked_prefill_on_cache_matches_one_shot(hf_checkpoint):
     assert rel_err(chunked, one) < TOL
 
 
-@pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3", "v3_yarn"])
+@pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3", "v3_yarn", "v32", "v4"])
 def test_greedy_generation_equals_transformers(variant, hf_checkpoint):
     path, hf = hf_checkpoint(variant)
     engine = engine_for(path)

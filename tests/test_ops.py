@@ -50,6 +50,24 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
         fresh.naive_prefill = False
         return [((q, cache, randn(6, 20, dtype=dtype, seed=2), paged_context(), 0.2, 16), {}),
                 ((q, None, randn(6, 20, dtype=dtype, seed=2), fresh, 0.2, 16), {})]
+    if op == "indexer_topk":
+        q, keys, weights = randn(6, 4, 8, dtype=dtype), randn(6, 8, dtype=dtype, seed=1), randn(6, 4, dtype=torch.float32, seed=2)
+        return [((q, weights, randn(10, 4, 8, dtype=dtype, seed=3), keys, paged_context(), 3, 0.3), {})]
+    if op == "sparse_latent_attention":
+        picks = torch.tensor([[0, 7, -1], [2, 9, 5], [10, 1, -1], [0, 4, 8], [3, -1, -1], [1, 4, 0]])  # within each context
+        return [((randn(6, 3, 20, dtype=dtype), randn(10, 4, 20, dtype=dtype, seed=1), randn(6, 20, dtype=dtype, seed=2),
+                  picks, paged_context(), 0.2, 16), {})]
+    if op == "index_scores":
+        return [((randn(5, 4, 8, dtype=dtype), randn(5, 4, dtype=torch.float32, seed=1), randn(7, 8, dtype=dtype, seed=2),
+                  0.3), {})]
+    if op == "sink_attention":
+        mask = torch.rand(5, 9, generator=torch.Generator().manual_seed(3)) > 0.4
+        mask[:, 0] = True
+        extra_mask = torch.rand(5, 4, generator=torch.Generator().manual_seed(4)) > 0.5
+        return [((randn(5, 3, 16, dtype=dtype), randn(9, 16, dtype=dtype, seed=1), mask, randn(5, 4, 16, dtype=dtype, seed=2),
+                  extra_mask, randn(3, dtype=torch.float32, seed=5), 0.25), {}),
+                ((randn(5, 3, 16, dtype=dtype), randn(9, 16, dtype=dtype, seed=1), mask, None, None,
+                  randn(3, dtype=torch.float32, seed=5), 0.25), {})]
     if op == "moe":
         T, E, k, d, inter = 9, 6, 3, 32, 8
         scores = randn(T, E, dtype=torch.float32, seed=4)
@@ -59,7 +77,8 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
     raise AssertionError(f"no inputs for op {op!r}")
 
 
-TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "moe")
+TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "indexer_topk",
+          "sparse_latent_attention", "index_scores", "sink_attention", "moe")
 
 
 def test_every_op_has_inputs():
@@ -76,10 +95,11 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
         cache = args[0].clone()
         backend.store_latent(cache, *args[1:])
         return cache
-    if op == "latent_attention":
-        args[3].plans.clear()  # each backend builds its own plan, as the runner has it do before the forward
-        args[3].block_size = None if args[1] is None else args[1].shape[1]
-        backend.plan(args[3])
+    if op in ("latent_attention", "indexer_topk", "sparse_latent_attention"):
+        ctx = args[4] if op != "latent_attention" else args[3]
+        ctx.plans.clear()  # each backend builds its own plan, as the runner has it do before the forward
+        ctx.block_size = None if args[1 if op != "indexer_topk" else 2] is None else 4
+        backend.plan(ctx)
     return getattr(backend, op)(*args)
 
 
@@ -97,7 +117,10 @@ def test_op_matches_reference(name, op, dtype):
     for args, _ in op_inputs(op, dtype):
         ours, ref = run_op(backend, op, args), run_op(ops.REFERENCE, op, args)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
-        assert rel_err(ours, ref) < TOL[dtype], f"{name}.{op}"
+        if ref.dtype.is_floating_point:
+            assert rel_err(ours, ref) < TOL[dtype], f"{name}.{op}"
+        else:  # the indexer's picks
+            assert torch.equal(ours.sort(dim=-1).values, ref.sort(dim=-1).values), f"{name}.{op}"
 
 
 def test_select_auto_and_errors():
@@ -132,8 +155,9 @@ def test_cpu_prepack_matches_reference(hf_checkpoint):
 
 
 @cpu_only
-def test_engine_backends_agree_on_greedy_tokens(hf_checkpoint):
-    path, _ = hf_checkpoint("v2_lite")
+@pytest.mark.parametrize("variant", ["v2_lite", "v32", "v4"])
+def test_engine_backends_agree_on_greedy_tokens(variant, hf_checkpoint):
+    path, _ = hf_checkpoint(variant)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = {}
     for backend in ("auto", "reference"):

@@ -38,6 +38,7 @@ V, W = 64, 3  # vocabulary and window of the model below
 
 
 class WindowModel(nn.Module):
+    naive_prefill = False
     """A weightless model whose next token is (sum of the last W tokens + sum of every complete pair of
     tokens so far) % V: the window lives in a fixed per-sequence cache, each pair's sum in a paged cache
     with one entry per 2 tokens. Any mix-up of slots, blocks or positions changes its output."""

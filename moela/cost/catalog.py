@@ -148,13 +148,26 @@ def _v4_shape(name: str, cfg: dict[str, Any]) -> CostShape:
 
 
 def shape_from_model_config(cfg: ModelConfig, name: str = "model") -> CostShape:
-    """The CostShape of a moela ModelConfig (DeepSeek-V2/V3, Kimi K2)."""
+    """The CostShape of a moela ModelConfig (DeepSeek-V2/V3, Kimi K2, V3.2, V4)."""
+    ix = cfg.indexer
+    index = dict(index_n_heads=ix.n_heads, index_head_dim=ix.head_dim, index_topk=ix.topk) if ix else {}
+    if cfg.v4:
+        v4 = cfg.v4
+        return CostShape(
+            name=name, attention="v4", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank,
+            kv_lora_rank=0, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=v4.head_dim, intermediate_size=0, moe_intermediate_size=cfg.moe_intermediate_size,
+            n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts, top_k=cfg.num_experts_per_tok,
+            n_dense_layers=0, o_groups=v4.o_groups, o_lora_rank=v4.o_lora_rank, hc_mult=v4.hc_mult,
+            sliding_window=v4.sliding_window, n_csa_layers=v4.layer_types.count("csa"),
+            n_hca_layers=v4.layer_types.count("hca"), csa_rate=v4.csa_rate, hca_rate=v4.hca_rate, **index)
     return CostShape(
-        name=name, attention="mla", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        name=name, attention="dsa" if ix else "mla", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank,
         kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
         intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.moe_intermediate_size,
         n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-        top_k=cfg.num_experts_per_tok, n_dense_layers=cfg.first_k_dense_replace,
+        top_k=cfg.num_experts_per_tok, n_dense_layers=cfg.first_k_dense_replace, **index,
     )

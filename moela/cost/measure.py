@@ -63,7 +63,7 @@ def measure_local() -> Hardware:
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """A bf16 model on the CPU for timing: matrices N(0, 1/fan_in) (the embedding N(0, 1)), norms 1 + 0.1 N(0, 1),
-    zero router biases, so activations keep their scale through the layers and routing spreads out."""
+    zero router biases and random hash routes, so activations keep their scale and routing spreads out."""
     model = build_model(cfg, torch.bfloat16, "cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -75,6 +75,8 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
         for name, b in model.named_buffers():
             if name.endswith("gate.bias"):
                 b.zero_()
+            elif name.endswith("tid2eid"):  # V4's hash routing: a random expert per (token, pick)
+                b.copy_(torch.randint(0, cfg.n_routed_experts, b.shape, generator=gen))
     return model.eval()
 
 

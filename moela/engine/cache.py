@@ -19,6 +19,7 @@ with the same prefix; they are evicted (oldest first) only when no never-keyed b
 """
 
 import hashlib
+import math
 from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ class CacheLayout:
             if spec.paged and self.block_size % spec.tokens_per_entry:
                 raise ValueError(f"block_size = {self.block_size} is invalid for this model: its {spec.kind!r} cache "
                                  f"keeps one entry per {spec.tokens_per_entry} tokens, so block_size must be a multiple")
+
+    @classmethod
+    def fit(cls, specs: list[list[CacheSpec]], dtype: torch.dtype, block_size: int) -> "CacheLayout":
+        """The layout with block_size rounded up to hold whole entries of every compressed kind."""
+        step = math.lcm(*(s.tokens_per_entry for layer in specs for s in layer if s.paged))
+        return cls(specs, dtype, -(-block_size // step) * step)
 
     def all_specs(self) -> list[CacheSpec]:
         return [spec for layer in self.specs for spec in layer]

@@ -51,30 +51,33 @@ class LLMEngine:
             self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
             quantize.prepare(self.model, self.backend)
             specs = self.model.cache_specs()
-        layout = CacheLayout(specs, dtype, cfg.block_size)
+        self.layout = layout = CacheLayout.fit(specs, dtype, cfg.block_size)
+        if layout.block_size != cfg.block_size:
+            log.info("block_size %d -> %d: this model's compressed caches keep one entry per %d tokens", cfg.block_size,
+                     layout.block_size, math.lcm(*(s.tokens_per_entry for s in layout.all_specs())))
         self.bytes_per_token = layout.bytes_per_token  # paged kinds, all layers
         num_slots = cfg.max_num_seqs if layout.fixed_bytes_per_sequence else 0
         budget = self._cache_budget(cfg, layout)
         num_blocks = layout.num_blocks(budget, num_slots)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory = {budget} bytes holds no {cfg.block_size}-token block "
+            raise ValueError(f"kv_cache_memory = {budget} bytes holds no {layout.block_size}-token block "
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
                              f"{layout.fixed_bytes_per_sequence} bytes)")
-        self.max_cached_tokens = num_blocks * cfg.block_size
+        self.max_cached_tokens = num_blocks * layout.block_size
         if cfg.runtime == "onnx":
             self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider)
             running = f"ONNX Runtime ({self.runner.provider}, {str(dtype).removeprefix('torch.')})"
         else:
             self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
             running = f"backend {self.backend.name} on {self.device}"
-        log.info("%s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", running, num_blocks, cfg.block_size,
+        log.info("%s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", running, num_blocks, layout.block_size,
                  self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
                  "".join(f"\n  {line}" for line in layout.describe()))
         prefix_caching = cfg.enable_prefix_caching and not num_slots
         if cfg.enable_prefix_caching and not prefix_caching:
             log.info("prefix caching is off: this model keeps per-sequence state (%s) that cached blocks do not hold",
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
-        self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching, num_slots)
+        self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
@@ -86,7 +89,7 @@ class LLMEngine:
         """kv_cache_memory, or max_num_seqs whole contexts in whole blocks, at most 1/4 of the device's memory."""
         if cfg.kv_cache_memory is not None:
             return cfg.kv_cache_memory
-        per_seq = math.ceil(self.max_model_len / cfg.block_size) * layout.bytes_per_block + layout.fixed_bytes_per_sequence
+        per_seq = math.ceil(self.max_model_len / layout.block_size) * layout.bytes_per_block + layout.fixed_bytes_per_sequence
         return min(cfg.max_num_seqs * per_seq, ops.device_memory(self.device) // 4)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:

@@ -47,7 +47,7 @@ class Runner:
         ctx = StepContext(positions=on_device(positions), q_lens=[n for _, n in batch],
                           kv_lens=[seq.num_computed + n for seq, n in batch], slot_mapping=on_device(slots),
                           block_tables=on_device(tables), seq_slots=None if None in seq_slots else on_device(seq_slots),
-                          block_size=bs)
+                          block_size=bs, naive_prefill=self.model.naive_prefill)
         self.backend.plan(ctx)
         return on_device(tokens), ctx
 

@@ -90,6 +90,17 @@ class StepContext:
             self.plans[key] = (naive, absorbed)
         return self.plans[key]
 
+    def token_seqs(self) -> torch.Tensor:
+        """[T] which sequence each token belongs to, on the device (built once per step)."""
+        if "token_seqs" not in self.plans:
+            seqs = [b for b, n in enumerate(self.q_lens) for _ in range(n)]
+            self.plans["token_seqs"] = torch.tensor(seqs, dtype=torch.long, device=self.positions.device)
+        return self.plans["token_seqs"]
+
+    def token_starts(self) -> torch.Tensor:
+        """[T] the row where each token's sequence starts in the packed stream."""
+        return torch.tensor(self.q_starts[:-1], device=self.positions.device)[self.token_seqs()]
+
     def absorbed_rows(self) -> torch.Tensor:
         """[T_absorbed] token rows of the absorbed sequences, on the device (built once per step)."""
         if "absorbed_rows" not in self.plans:

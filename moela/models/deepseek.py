@@ -17,7 +17,8 @@ from torch import nn
 
 from moela.config import ModelConfig
 from moela.models.context import CacheSpec, StepContext
-from moela.models.layers import MLP, Experts, Linear, MoE, OpsModule, RMSNorm, rope_inv_freq
+from moela.models.layers import (MLP, Linear, MoE, OpsModule, RMSNorm, Rope, attach_layer_caches, layer_cache_specs,
+                                 reset_buffers)
 
 
 class MLA(OpsModule):
@@ -38,7 +39,7 @@ class MLA(OpsModule):
             self.wq_b = Linear(cfg.q_lora_rank, q_out)
         self.wkv_a = Linear(cfg.hidden_size, cfg.latent_dim)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
-        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), sliced=True)
         self.wo = Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, latent_dim], set by the engine
 
@@ -47,15 +48,7 @@ class MLA(OpsModule):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(T, self.n_heads, -1)  # [T, h, d + r]
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = self.ops.rope(q_pe, cos, sin, self.interleave)
-        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        latent = torch.cat([self.kv_norm(c_kv), self.ops.rope(k_pe, cos, sin, self.interleave)], dim=-1)  # [T, c + r]
-        if self.kv_cache is not None:
-            self.ops.store_latent(self.kv_cache, ctx.slot_mapping, latent)
-
+        q_nope, q_pe, latent, _ = self.project(x, cos, sin, ctx)
         naive, absorbed = ctx.split()
         if not naive:
             return self.wo(self.absorbed(q_nope, q_pe, latent, ctx).flatten(1))
@@ -67,6 +60,19 @@ class MLA(OpsModule):
             rows = ctx.absorbed_rows()
             out.index_copy_(0, rows, self.absorbed(q_nope, q_pe, latent, ctx, rows))
         return self.wo(out.flatten(1))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> tuple:
+        """(q_nope [T, h, d], roped q_pe [T, h, r], latent [T, c + r], the query LoRA's normed output or None);
+        the latent goes into the cache."""
+        q_resid = None if hasattr(self, "wq") else self.q_norm(self.wq_a(x))
+        q = (self.wq(x) if q_resid is None else self.wq_b(q_resid)).view(x.shape[0], self.n_heads, -1)  # [T, h, d + r]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = self.ops.rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = torch.cat([self.kv_norm(c_kv), self.ops.rope(k_pe, cos, sin, self.interleave)], dim=-1)  # [T, c + r]
+        if self.kv_cache is not None:
+            self.ops.store_latent(self.kv_cache, ctx.slot_mapping, latent)
+        return q_nope, q_pe, latent, q_resid
 
     def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Causal attention over one sequence's own tokens, K/V decompressed through wkv_b."""
@@ -96,19 +102,25 @@ class MLA(OpsModule):
     def absorbed(self, q_nope, q_pe, latent, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Attention in latent space: wkv_b's K part folded into q, its V part applied after -> [T, h, v],
         or only the given token rows [len(rows), h, v]."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, c]
-        q = torch.cat([q_lat, q_pe], dim=-1)  # [T, h, c + r]: scores = q . [c_kv | k_pe]
-        o = self.ops.latent_attention(q, self.kv_cache, latent, ctx, self.softmax_scale, self.kv_lora_rank)  # [T, h, c]
-        o = o if rows is None else o.index_select(0, rows)
-        return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # [rows, h, v]
+        o = self.ops.latent_attention(self.absorb_query(q_nope, q_pe), self.kv_cache, latent, ctx, self.softmax_scale,
+                                      self.kv_lora_rank)  # [T, h, c]
+        return self.absorb_output(o if rows is None else o.index_select(0, rows))
+
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[T, h, c + r]: wkv_b's K part folded into the query, so scores = q . [c_kv | k_pe]."""
+        w_uk, _ = self.absorbed_weights()
+        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
+
+    def absorb_output(self, o: torch.Tensor) -> torch.Tensor:
+        """Latent-space output [T, h, c] -> [T, h, v] through wkv_b's V part."""
+        return torch.bmm(o.transpose(0, 1), self.absorbed_weights()[1]).transpose(0, 1)
 
 
 class Block(nn.Module):
-    def __init__(self, layer_id: int, cfg: ModelConfig):
+    def __init__(self, layer_id: int, cfg: ModelConfig, attention: type[nn.Module] = MLA):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -118,23 +130,21 @@ class Block(nn.Module):
 
 
 class Transformer(OpsModule):
+    attention = MLA  # the attention layer of every block
+    naive_prefill = True  # prompts with nothing cached attend their own tokens with K/V decompressed
+    fp32_params = ("gate.bias",)  # kept fp32 whatever the model's dtype (build_model)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(i, cfg, self.attention) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.init_buffers()
+        self.rope = Rope(cfg.rope, cfg.qk_rope_head_dim)  # rope(positions) -> cos, sin [T, r/2]
 
     def init_buffers(self) -> None:
-        """(Re)compute the non-persistent buffers (rope frequencies, expert load counters); call after
-        building on the meta device and materializing with to_empty."""
-        inv_freq, self.rope_scale = rope_inv_freq(self.cfg)
-        self.register_buffer("inv_freq", inv_freq.to(self.embed.weight.device), persistent=False)
-        for module in self.modules():
-            if isinstance(module, Experts):
-                module.load.zero_()
+        reset_buffers(self)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """tokens, positions: [T] -> final-normed hidden states [T, hidden_size]."""
@@ -144,20 +154,11 @@ class Transformer(OpsModule):
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, r/2] of each position, scaled by YaRN's attention factor."""
-        angles = positions[:, None].float() * self.inv_freq  # [T, r/2]
-        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.embed.weight) if self.head is None else self.head(hidden)
 
     def cache_specs(self) -> list[list[CacheSpec]]:
-        """What each layer caches, in layer order."""
-        return [layer.attn.cache_specs() for layer in self.layers]
+        return layer_cache_specs(self.layers)
 
     def attach_cache(self, caches: list[dict[str, torch.Tensor]] | None) -> None:
-        """Give each layer its cache tensors by CacheSpec name (None detaches them)."""
-        for i, (layer, specs) in enumerate(zip(self.layers, self.cache_specs())):
-            for spec in specs:
-                setattr(layer.attn, spec.name, None if caches is None else caches[i][spec.name])
+        attach_layer_caches(self.layers, caches)

@@ -20,6 +20,8 @@ for moela/export.py and is no engine backend.
 | rms_norm, rope | RMSNorm (HF's rounding), rotary embedding on the rope dims |
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
 | store_latent, latent_attention | write the MLA latent into the paged cache; absorbed attention over it |
+| indexer_topk, sparse_latent_attention | V3.2's lightning indexer, and absorbed attention over the rows it picks |
+| index_scores, sink_attention | V4's indexer scores, and its attention with a per-head sink (keys are values) |
 | moe, pack_experts | the routed experts of a step's tokens; pack_experts as pack_linear |
 | plan | this step's index plans, built by the runner before the forward so no layer copies to the device |
 """
@@ -49,6 +51,10 @@ class Backend:
     causal_attention: Callable
     store_latent: Callable
     latent_attention: Callable
+    indexer_topk: Callable
+    sparse_latent_attention: Callable
+    index_scores: Callable
+    sink_attention: Callable
     moe: Callable
     pack_experts: Callable
     plan: Callable

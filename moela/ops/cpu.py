@@ -47,8 +47,8 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[torch.Tensor
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
-        w2: list[torch.Tensor]) -> torch.Tensor:
-    return expert_loop(x, weights, indices, w13, w2, linear)
+        w2: list[torch.Tensor], limit: float | None = None) -> torch.Tensor:
+    return expert_loop(x, weights, indices, w13, w2, linear, limit)
 
 
 def setup() -> None:

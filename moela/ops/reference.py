@@ -24,16 +24,16 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalized in fp32, cast back to x's dtype, then scaled: bit-identical to HF's RMSNorm."""
-    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Normalized in fp32, cast back to x's dtype, then scaled (unless weight is None): bit-identical to
+    HF's RMSNorm."""
+    normed = F.rms_norm(x, (x.shape[-1],), None, eps)
+    return normed if weight is None else weight * normed
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate pairs of x [T, ..., r] by cos/sin [T, r/2] in fp32; pairs are (2i, 2i+1) or (i, i + r/2).
-
-    Interleaved pairs come out de-interleaved (evens then odds), as transformers' V3 does; queries and
-    keys get the same permutation, so scores equal DeepSeek's complex-number form."""
+    """Rotate pairs of x [T, ..., r] by cos/sin [T, r/2] in fp32; pairs are (2i, 2i+1) (interleave, as
+    DeepSeek's complex-number form) or (i, i + r/2); each pair stays where it is."""
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     cos, sin, h = cos.view(shape), sin.view(shape), x.float()
     if interleave:
@@ -73,20 +73,14 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.
     latents (keys: all w values; values: the first value_dim) -> [T, h, value_dim], 0 for other rows.
 
     Without a cache (cache None) each sequence attends only its own new tokens in `latent` [T, w].
-    Single-token (decode) sequences are batched, padded to the longest context; other sequences (chunks
-    after a cached prefix) come one at a time. The index plan is built once per step (by `plan`, or by
-    the first layer when a caller did not plan) and kept in ctx.plans; keys are gathered per layer,
-    whole blocks at a time.
+    The gathers are planned once per step (`_groups_plan`); keys are gathered per layer, whole blocks at
+    a time.
     """
-    key = ("latent", None if cache is None else cache.shape[1])
-    if key not in ctx.plans:
-        ctx.plans[key] = _latent_plan(ctx, key[1], q.device)
     T, h, _ = q.shape
     out = q.new_zeros(T, h, value_dim)
-    for rows, tables, mask, src, dst in ctx.plans[key]:
+    for rows, keys, mask, src, dst in _groups(ctx, ctx.split()[1], cache, latent):
         # rows: [b, n] token of each query (-1 = pad); mask: [b, n, s] True = may attend; src -> dst: valid rows
         b, n = rows.shape
-        keys = latent[rows.clamp(min=0)] if tables is None else cache[tables].flatten(1, 2)  # [b, s, w]
         qb = q[rows.clamp(min=0)].flatten(1, 2)  # [b, n*h, w]
         scores = torch.bmm(qb, keys.transpose(1, 2)).view(b, n, h, -1)  # [b, n, h, s]
         scores = (scores.float() * scale).masked_fill(~mask[:, :, None, :], float("-inf"))
@@ -96,21 +90,101 @@ def latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.
     return out
 
 
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """The lightning indexer's score of each key for each query, in fp32: q [..., n, H, D], per-head
+    weights [..., n, H], keys [..., s, D] -> sum_h weights_h * relu(q_h . k * scale) [..., n, s]."""
+    scores = torch.einsum("...nhd,...sd->...nhs", q.float(), keys.float()).mul(scale).relu()
+    return torch.einsum("...nh,...nhs->...ns", weights.float(), scores)
+
+
+def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, extra_kv: torch.Tensor | None,
+                   extra_mask: torch.Tensor | None, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """V4's attention, keys being the values: queries q [n, h, d] attend shared keys kv [s, d] (mask [n, s],
+    True = may attend) and, when given, keys of their own extra_kv [n, k, d] (extra_mask [n, k]); a
+    learned per-head sink logit sinks [h] joins the softmax and is dropped after it -> [n, h, d]."""
+    logits = [(torch.einsum("nhd,sd->nhs", q, kv) * scale).masked_fill(~mask[:, None, :], float("-inf"))]
+    if extra_kv is not None:
+        extra = torch.einsum("nhd,nkd->nhk", q, extra_kv) * scale
+        logits.append(extra.masked_fill(~extra_mask[:, None, :], float("-inf")))
+    logits.append(sinks.float()[None, :, None].expand(q.shape[0], -1, 1))
+    probs = torch.cat([t.float() for t in logits], dim=-1).softmax(dim=-1).to(q.dtype)  # [n, h, s (+ k) + 1]
+    out = torch.einsum("nhs,sd->nhd", probs[..., : kv.shape[0]], kv)
+    if extra_kv is not None:
+        out = out + torch.einsum("nhk,nkd->nhd", probs[..., kv.shape[0] : -1], extra_kv)
+    return out
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor | None, keys: torch.Tensor, ctx,
+                 topk: int, scale: float) -> torch.Tensor:
+    """The lightning indexer: for each query q [T, H, D] (per-head weights [T, H], fp32) the positions of
+    its sequence's `topk` best cached keys [N, bs, D] by sum_h weights_h * relu(q_h . k * scale), in fp32,
+    among the positions it may attend -> [T, topk] int64, -1 where a query has fewer keys than topk.
+    Without a cache, each sequence scores its own new keys [T, D]."""
+    out = torch.full((q.shape[0], topk), -1, dtype=torch.long, device=q.device)
+    for rows, k, mask, src, dst in _groups(ctx, range(len(ctx.q_lens)), cache, keys):
+        total = index_scores(q[rows.clamp(min=0)], weights[rows.clamp(min=0)], k, scale)  # [b, n, s]
+        total = total.masked_fill(~mask, float("-inf"))
+        best = total.topk(min(topk, total.shape[-1]), dim=-1)  # [b, n, k]
+        picks = best.indices.masked_fill(best.values == float("-inf"), -1).flatten(0, 1)  # [b*n, k]
+        out[:, : picks.shape[1]] = out[:, : picks.shape[1]].index_copy(0, dst, picks.index_select(0, src))
+    return out
+
+
+def sparse_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.Tensor, indices: torch.Tensor,
+                            ctx, scale: float, value_dim: int, chunk: int = 256) -> torch.Tensor:
+    """Absorbed MLA over the latent rows the indexer picked: query t of sequence b attends the cached
+    latents at positions indices[t] (-1 = none) of b only -> [T, h, value_dim]. The cost of a query grows
+    with topk, not with its context: rows are gathered, never scored densely. Queries go `chunk` at a
+    time to bound the gathered keys [chunk, topk, w]."""
+    T, h, _ = q.shape
+    seq = ctx.token_seqs()  # [T] sequence of each token
+    valid = indices >= 0
+    pos = indices.clamp(min=0)
+    if cache is None:  # each sequence's own new tokens: rows of `latent`
+        rows, flat = ctx.token_starts()[:, None] + pos, latent
+    else:
+        bs = cache.shape[1]
+        rows = ctx.block_tables[seq[:, None], pos // bs] * bs + pos % bs  # [T, k] flat cache rows
+        flat = cache.view(-1, cache.shape[-1])
+    out = q.new_empty(T, h, value_dim)
+    for a in range(0, T, chunk):
+        keys = flat[rows[a : a + chunk]]  # [t, k, w]
+        scores = torch.einsum("thw,tkw->thk", q[a : a + chunk], keys).float() * scale
+        probs = scores.masked_fill(~valid[a : a + chunk, None, :], float("-inf")).softmax(dim=-1)
+        out[a : a + chunk] = torch.einsum("thk,tkc->thc", probs.to(keys.dtype), keys[..., :value_dim])
+    return out
+
+
 def plan(ctx) -> None:
     """Build the step's plans into ctx before the forward (the runner calls this): every index tensor a
     layer needs is then on the device already, and no layer waits for a host-to-device copy."""
     naive, absorbed = ctx.split()
+    ctx.token_seqs()
     if absorbed:
-        ctx.plans[("latent", ctx.block_size)] = _latent_plan(ctx, ctx.block_size, ctx.positions.device)
+        _groups_plan(ctx, absorbed, ctx.block_size)
         if naive:
             ctx.absorbed_rows()
 
 
-def _latent_plan(ctx, block_size: int | None, device: torch.device) -> list[tuple]:
-    """[(rows, tables, mask, src, dst)] per group of absorbed sequences, from the host's lengths alone."""
-    absorbed = ctx.split()[1]
-    decodes = [i for i in absorbed if ctx.q_lens[i] == 1]
-    groups = ([decodes] if decodes else []) + [[i] for i in absorbed if ctx.q_lens[i] != 1]
+def _groups(ctx, seqs, cache: torch.Tensor | None, rows_source: torch.Tensor) -> list[tuple]:
+    """[(rows [b, n], keys [b, s, w], mask [b, n, s], src, dst)] for the sequences `seqs`: their keys gathered
+    from the paged cache, whole blocks at a time (or, without a cache, from rows_source [T, w])."""
+    plan = _groups_plan(ctx, list(seqs), None if cache is None else cache.shape[1])
+    return [(rows, rows_source[rows.clamp(min=0)] if tables is None else cache[tables].flatten(1, 2), mask, src, dst)
+            for rows, tables, mask, src, dst in plan]
+
+
+def _groups_plan(ctx, seqs: list[int], block_size: int | None) -> list[tuple]:
+    """[(rows, tables, mask, src, dst)] per group of `seqs`, from the host's lengths alone, built once per step.
+
+    Single-token (decode) sequences form one group, padded to the longest context; every other sequence
+    is a group of its own. Position p of a sequence is row p of its gathered blocks."""
+    key = ("groups", block_size, tuple(seqs))
+    if key in ctx.plans:
+        return ctx.plans[key]
+    device = ctx.positions.device
+    decodes = [i for i in seqs if ctx.q_lens[i] == 1]
+    groups = ([decodes] if decodes else []) + [[i] for i in seqs if ctx.q_lens[i] != 1]
     plan = []
     for group in groups:
         q_lens, kv_lens = [ctx.q_lens[i] for i in group], [ctx.kv_lens[i] for i in group]
@@ -130,6 +204,7 @@ def _latent_plan(ctx, block_size: int | None, device: torch.device) -> list[tupl
         mask = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv[:, None, None])  # [b, n, s]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
         plan.append((as_tensor(rows), tables, mask, as_tensor(src), as_tensor(dst)))
+    ctx.plans[key] = plan
     return plan
 
 
@@ -137,16 +212,18 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
     return w13, w2
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+        limit: float | None = None) -> torch.Tensor:
     """Routed experts: sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) -> [T, d].
 
-    x [T, d]; weights [T, k] fp32; indices [T, k]; w13 [E, 2I, d] (gate rows, then up rows); w2 [E, d, I].
+    x [T, d]; weights [T, k] fp32; indices [T, k]; w13 [E, 2I, d] (gate rows, then up rows); w2 [E, d, I];
+    each expert is swiglu(x w13, limit) w2.
     The T*k (token, expert) pairs are sorted by expert and run as one grouped matmul per projection,
     with per-expert offsets computed on the device. Off the CPU, torch's grouped matmul takes bf16
     only; other dtypes there take expert_loop, which reads the per-expert counts on the host.
     """
     if x.device.type != "cpu" and x.dtype != torch.bfloat16:
-        return expert_loop(x, weights, indices, w13, w2, linear)
+        return expert_loop(x, weights, indices, w13, w2, linear, limit)
     k = indices.shape[1]
     flat = indices.flatten()
     order = flat.argsort(stable=True)  # [T*k] pairs sorted by expert
@@ -154,12 +231,21 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torc
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
     xs = x[order // k]
-    g, u = F.grouped_mm(xs, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    ys = F.grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offsets)  # [T*k, d]
+    h = swiglu(F.grouped_mm(xs, w13.transpose(1, 2), offs=offsets), limit)
+    ys = F.grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [T*k, d]
     return combine(ys, order, weights)
 
 
-def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, linear_op) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up of [..., 2I] (gate half first); V4 clamps gate <= limit and up to [-limit, limit]."""
+    g, u = gate_up.chunk(2, dim=-1)
+    if limit is not None:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return F.silu(g) * u
+
+
+def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13, w2, linear_op,
+                limit: float | None = None) -> torch.Tensor:
     """moe as one linear_op pair per expert that has tokens (w13, w2: per-expert weights in linear_op's
     layout); slicing the sorted rows needs each expert's token count on the host."""
     k = indices.shape[1]
@@ -170,8 +256,7 @@ def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     start = 0
     for e, n in enumerate(counts):
         if n:
-            g, u = linear_op(xs[start : start + n], w13[e]).chunk(2, dim=-1)
-            ys[start : start + n] = linear_op(F.silu(g) * u, w2[e])
+            ys[start : start + n] = linear_op(swiglu(linear_op(xs[start : start + n], w13[e]), limit), w2[e])
             start += n
     return combine(ys, order, weights)
 
