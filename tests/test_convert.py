@@ -95,5 +95,7 @@ def test_errors_name_the_tensor(hf_checkpoint, tmp_path, capsys):
         convert(model, tmp_path / "out", "mindformers")
     assert cli.main(["convert", "--to", "hf", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     assert "no such checkpoint directory" in capsys.readouterr().err
+    assert cli.main(["convert", "--to", "mindformers", str(hf_checkpoint("v4")[0]), str(tmp_path / "out")]) == 1
+    assert "model_type 'deepseek_v4' has no mindformers name table" in capsys.readouterr().err
     assert cli.main(["convert", "--to", "mindformers", str(src), str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "param_name_map.json").is_file()

@@ -164,9 +164,11 @@ def test_generate_and_serve_on_the_export(exported, capsys):
         server.stop()
 
 
-def test_export_errors_name_the_problem(tmp_path, capsys):
+def test_export_errors_name_the_problem(hf_checkpoint, tmp_path, capsys):
     assert export_main(["onnx", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     assert "no such model directory" in capsys.readouterr().err
+    assert export_main(["onnx", str(hf_checkpoint("v32")[0]), str(tmp_path / "out")]) == 1
+    assert "model_type 'deepseek_v32' cannot be exported yet" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main(["onnx", str(tmp_path), str(tmp_path / "out"), "--dtype", "bfloat16"])
 
