@@ -147,13 +147,15 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
     return out
 
 
-def onnx_moe(x, weights, indices, w13: list, w2: list):
+def onnx_moe(x, weights, indices, w13: list, w2: list, limit: float | None = None):
     """moela::moe (moela/ops/export.py) in ONNX ops: the same loop over experts, each expert's rows from
     NonZero on its routing weights (a routed token whose weight is exactly 0 would add nothing anyway),
     each expert's weights initializers of their own."""
     from onnxscript import ir
     from onnxscript import opset20 as op
 
+    if limit is not None:
+        raise MoelaError("the clamped SwiGLU of DeepSeek-V4's experts has no ONNX translation (V4 is not exportable)")
     n_experts = len(w13)
     shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[n_experts]), axis=0)
     routed = op.ScatterElements(op.ConstantOfShape(shape, value=ir.tensor([0.0])), indices, weights, axis=1)  # [T, E]

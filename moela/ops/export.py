@@ -19,6 +19,8 @@ Letters: B sequences, S new rows per sequence, h heads, w latent width, c value 
 import torch
 import torch.nn.functional as F
 
+from moela.ops.reference import swiglu
+
 
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor, ctx, scale: float,
                      value_dim: int) -> torch.Tensor:
@@ -47,7 +49,7 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[torch.Tensor
 
 @torch.library.custom_op("moela::moe", mutates_args=())
 def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
-        w2: list[torch.Tensor]) -> torch.Tensor:
+        w2: list[torch.Tensor], limit: float | None = None) -> torch.Tensor:
     """Routed experts, one gather / two matmuls / one scatter-add per expert over the tokens routed to
     it, so a step reads only the experts its tokens chose. One opaque op to the tracer (a custom op
     with a shape-only fake below): traced as Python, each expert's data-dependent row count would be a
@@ -56,15 +58,14 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list
     out = torch.zeros_like(x)
     for e in range(len(w13)):
         token, slot = torch.where(indices == e)  # [n] each: the tokens routed to e, and which of their k
-        g, u = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, w2[e])  # [n, d]
+        y = F.linear(swiglu(F.linear(x[token], w13[e]), limit), w2[e])  # [n, d]
         out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
     return out
 
 
 @moe.register_fake
 def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list[torch.Tensor],
-      w2: list[torch.Tensor]) -> torch.Tensor:
+      w2: list[torch.Tensor], limit: float | None = None) -> torch.Tensor:
     return torch.empty_like(x)
 
 

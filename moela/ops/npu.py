@@ -15,6 +15,8 @@ the reference's plain PyTorch, which torch_npu runs op by op.
 
 import torch
 
+from moela.ops.reference import swiglu
+
 try:
     import torch_npu
 except Exception as e:  # ImportError, or an OSError/RuntimeError from CANN's libraries
@@ -47,16 +49,19 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
     return w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+        limit: float | None = None) -> torch.Tensor:
     """The reference's moe on packed weights: tokens sorted by expert on the device, two grouped matmuls
-    with the counts per expert as their group list, and the weighted sum back in token order."""
+    with the counts per expert as their group list, and the weighted sum back in token order. V4's
+    clamped SwiGLU (limit) is the reference's, npu_swiglu has no clamp."""
     T, k = indices.shape
     experts = indices.to(torch.int32)
     rows = torch.arange(T * k, dtype=torch.int32, device=x.device).view(k, T).t().contiguous()  # [T, k]
     xs, source_rows, sorted_experts = torch_npu.npu_moe_init_routing(x, row_idx=rows, expert_idx=experts, active_num=T)
     counts = torch_npu.npu_moe_compute_expert_tokens(sorted_experts, w13.shape[0]).to(torch.int64)  # cumulative
     grouped = dict(split_item=2, group_list_type=0, group_type=0, group_list=counts)
-    h = torch_npu.npu_swiglu(torch_npu.npu_grouped_matmul(x=[xs], weight=[w13], **grouped)[0])  # [T*k, I]
+    gate_up = torch_npu.npu_grouped_matmul(x=[xs], weight=[w13], **grouped)[0]  # [T*k, 2I]
+    h = torch_npu.npu_swiglu(gate_up) if limit is None else swiglu(gate_up, limit)  # [T*k, I]
     ys = torch_npu.npu_grouped_matmul(x=[h], weight=[w2], **grouped)[0]  # [T*k, d]
     return torch_npu.npu_moe_finalize_routing(ys, skip1=None, skip2=None, bias=None, scales=weights.to(x.dtype),
                                               expanded_src_to_dst_row=source_rows, export_for_source_row=experts)
