@@ -97,7 +97,8 @@ def run_generate(args: argparse.Namespace) -> int:
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     path = model_dir(args.model)
     cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                       runtime=args.runtime, provider=args.provider, max_num_seqs=1)
+                       runtime=args.runtime, provider=args.provider, cuda_graphs=args.cuda_graphs,
+                       max_num_seqs=1)
     cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before anything else is read
     engine = LLMEngine(cfg)
     tok = engine.tokenizer

@@ -417,6 +417,7 @@ class EngineConfig:
     threads: int | str | None = None  # CPU threads: a count, "auto" (the free cores, followed), None: torch's setting
     runtime: str = "torch"  # "onnx": model is a `moela export onnx` directory, run by ONNX Runtime (dtype is the graphs')
     provider: str = "cpu"  # runtime "onnx": ONNX Runtime's execution provider (cpu, cuda, cann)
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -433,6 +434,8 @@ class EngineConfig:
             raise ValueError(f"provider = {self.provider!r} is invalid: must be one of {', '.join(PROVIDERS)}")
         if self.provider != "cpu" and self.runtime != "onnx":
             raise ValueError(f"provider = {self.provider!r} applies to runtime 'onnx' only (torch runs on device=...)")
+        if self.cuda_graphs and self.runtime != "torch":
+            raise ValueError(f"cuda_graphs = True applies to runtime 'torch' only, not runtime = {self.runtime!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -442,6 +445,8 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device = {self.device!r} is invalid: use a torch device such as 'cpu' or 'cuda:0'") from None
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs = True needs a CUDA device, not device = {self.device!r}")
         self.scheduler = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates both
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
@@ -477,6 +482,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="onnx: run a `moela export onnx` directory on ONNX Runtime (the graphs' dtype)")
     parser.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime's execution provider (--runtime onnx)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
     add_threads_arg(parser)
 
 

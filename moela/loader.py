@@ -7,7 +7,9 @@ by tensor from memory-mapped files: peak memory is the model plus one tensor. Ev
 checked and every name and shape matched against the config before a byte of weights is read, so
 a bad checkpoint fails with a CheckpointError naming the file and tensor, never half-loaded.
 Dequantized on load: FP8 e4m3 weights with 128x128 block scales (fp32 `weight_scale_inv`, or V4's
-power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0 scales). MTP
+power-of-two UE8M0 `.scale`) and V4's FP4 e2m1 experts (two per byte, 1x32 UE8M0 scales). With
+keep_fp8 (the engine's choice), FP8 projection and expert weights stay e4m3 with their scales beside
+them, for quantize.prepare to hand to the backend's pack_fp8 (which keeps or dequantizes them). MTP
 layers are skipped.
 """
 
@@ -23,7 +25,9 @@ from tqdm import tqdm
 from moela.config import ModelConfig
 from moela.errors import CheckpointError
 from moela.models import Transformer, build_model
+from moela.models.layers import Experts, Linear
 from moela.names import LAYER_RE, MTP_NAMES, hf_names, map_name, to_hf, v4_target
+from moela.ops import reference
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None) -> Transformer:
+               cfg: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -118,9 +122,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
     for name, f in where.items():
         if name not in headers[f]:
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
-    meta = build_model(cfg, dtype, "meta")
-    plan = (_plan_v4 if cfg.v4 else _plan)(cfg, meta, where, headers)  # every check before any allocation
-    model = build_model(cfg, dtype, device)
+    model = build_model(cfg, dtype, "meta")
+    plan = (_plan_v4 if cfg.v4 else _plan)(cfg, model, where, headers)  # every check before any allocation
+    kept = _fp8_params(cfg, model, plan, headers) if keep_fp8 else {}
+    _materialize(model, kept, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
     files = sorted({f for f, _ in plan.values()})
@@ -128,9 +133,42 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
         for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
             for hf_name, (src, target) in plan.items():
                 if src == f:
-                    tensor = _read(hf_name, where, handles, cfg)
+                    tensor, scale = _read(hf_name, where, handles, cfg, keep_fp8=target[0] in kept)
                     _destination(params, target).copy_(tensor)
+                    if scale is not None:
+                        _destination(params, (target[0] + "_scale_inv", *target[1:])).copy_(scale)
     return model.eval()
+
+
+def _fp8_params(cfg: ModelConfig, model: Transformer, plan: dict, headers: dict) -> dict[str, tuple[int, ...]]:
+    """{parameter: its scales' shape} for the projection and expert weights read wholly from FP8 tensors
+    whose scale blocks do not straddle a fused gate/up boundary."""
+    bo, bi = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
+    sources: dict[str, list] = {}
+    for hf_name, (f, (name, _, half)) in plan.items():
+        sources.setdefault(name, []).append((headers[f][hf_name][0], half))
+    kept = {}
+    for name, srcs in sources.items():
+        owner, attr = name.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        shape = getattr(module, attr).shape
+        fits = (isinstance(module, Linear) and attr == "weight") or (isinstance(module, Experts) and attr in ("w13", "w2"))
+        aligned = all(half is None for _, half in srcs) or (shape[-2] // 2) % bo == 0
+        if fits and aligned and all(dtype == "F8_E4M3" for dtype, _ in srcs):
+            kept[name] = (*shape[:-2], math.ceil(shape[-2] / bo), math.ceil(shape[-1] / bi))
+    return kept
+
+
+def _materialize(model: Transformer, kept: dict[str, tuple[int, ...]], device: torch.device | str) -> None:
+    """Allocate the meta-built model on device, the kept parameters as e4m3 with a `<name>_scale_inv` buffer each."""
+    for name, scale_shape in kept.items():
+        owner, attr = name.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        fp8 = torch.empty(getattr(module, attr).shape, dtype=torch.float8_e4m3fn, device="meta")
+        setattr(module, attr, torch.nn.Parameter(fp8, requires_grad=False))
+        module.register_buffer(attr + "_scale_inv", torch.empty(scale_shape, device="meta"))
+    model.to_empty(device=device)
+    model.init_buffers()
 
 
 def _plan(cfg: ModelConfig, model: Transformer, where: dict[str, Path], headers: dict) -> dict:
@@ -210,7 +248,9 @@ def _scale_name(name: str, where: dict) -> str | None:
     return next((s for s in (name + "_scale_inv", name.removesuffix(".weight") + ".scale") if s in where), None)
 
 
-def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig) -> torch.Tensor:
+def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig,
+          keep_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor, None), a quantized one dequantized to fp32; with keep_fp8, (e4m3 tensor, its scales) for an FP8 one."""
     def get(name: str) -> torch.Tensor:
         f = where[name]
         if f not in handles:
@@ -220,10 +260,12 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig)
     tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:
         block = cfg.quantization.weight_block_size if cfg.quantization else (128, 128)
-        tensor = dequantize_fp8(tensor, get(_scale_name(hf_name, where)), block, what)
-    elif tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and _scale_name(hf_name, where):
-        tensor = dequantize_fp4(tensor, get(_scale_name(hf_name, where)), what)
-    return tensor
+        scale = get(_scale_name(hf_name, where))
+        check_fp8_scales(tensor, scale, block, what)
+        return (tensor, scale) if keep_fp8 else (reference.pack_fp8(tensor, scale, block, torch.float32), None)
+    if tensor.dtype in (torch.float4_e2m1fn_x2, torch.int8, torch.uint8) and _scale_name(hf_name, where):
+        return dequantize_fp4(tensor, get(_scale_name(hf_name, where)), what), None
+    return tensor, None
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: int = 32) -> torch.Tensor:
@@ -237,15 +279,16 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, what: str, block: 
     return values * scale.float().repeat_interleave(block, 1)[:, :in_dim]
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], what: str) -> torch.Tensor:
-    """W[i, j] = fp32(Wq[i, j]) * S[i // bo, j // bi]; edge blocks may be ragged."""
-    out_dim, in_dim = weight.shape
-    bo, bi = block
-    want = (math.ceil(out_dim / bo), math.ceil(in_dim / bi))
+def check_fp8_scales(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], what: str) -> None:
+    want = (math.ceil(weight.shape[0] / block[0]), math.ceil(weight.shape[1] / block[1]))
     if tuple(scale_inv.shape) != want:
         raise CheckpointError(f"{what}: weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)}")
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:out_dim].repeat_interleave(bi, 1)[:, :in_dim]
-    return weight.float() * scale
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], what: str) -> torch.Tensor:
+    """W[i, j] = fp32(Wq[i, j]) * S[i // bo, j // bi] in fp32; edge blocks may be ragged."""
+    check_fp8_scales(weight, scale_inv, block, what)
+    return reference.pack_fp8(weight, scale_inv, block, torch.float32)
 
 
 def _destination(params: dict[str, torch.Tensor], target: tuple) -> torch.Tensor:
@@ -312,7 +355,7 @@ def load_mtp(mtp: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
         for hf_name, want in expected.items():
             rest = hf_name[len(prefix):]
             target = (prefix[6:] + mtp_names[rest], None, None) if rest in mtp_names else map_name(hf_name)
-            tensor = _read(hf_name, where, handles, cfg)
+            tensor = _read(hf_name, where, handles, cfg)[0]
             if tensor.shape != want.shape:
                 raise CheckpointError(f"{where[hf_name]}: tensor '{hf_name}' has shape {list(tensor.shape)}, expected {list(want.shape)}")
             _destination(params, target).copy_(tensor)

@@ -1,12 +1,18 @@
 """Tiny random DeepSeek checkpoints built with transformers (our numerical oracle) for the tests."""
 
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread: the test models are tiny, and torch spreads even a 4x4 softmax over its threads, whose
+# barrier costs milliseconds whenever another process holds a core (measured 23 ms vs 6 us per call).
+torch.set_num_threads(1)
+if not torch.cuda.is_available():  # the triton backend's kernels run in Triton's interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +165,42 @@ def text_model(tmp_path_factory) -> Path:
     build_hf("v3", vocab_size=320).save_pretrained(path)
     make_tokenizer(path)
     return path
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise e4m3 quantization the way DeepSeek-V3 checkpoints store weights."""
+    out_dim, in_dim = w.shape
+    bo, bi = block
+    scale = torch.zeros(math.ceil(out_dim / bo), math.ceil(in_dim / bi))
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_checkpoint(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rewrite path's checkpoint with every projection and expert weight in e4m3 with block scales (as
+    DeepSeek-V3 stores them; the test dims leave ragged edge blocks); returns its tensors dequantized."""
+    from safetensors.torch import load_file, save_file
+
+    from moela.ops.reference import pack_fp8
+
+    tensors, quantized = load_file(path / "model.safetensors"), {}
+    for name, t in tensors.items():
+        if (name.endswith("proj.weight") or ".experts." in name) and t.dim() == 2:
+            q, s = quantize_fp8(t, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            tensors[name] = pack_fp8(q, s, block, torch.float32)
+        else:
+            quantized[name] = t
+    assert any(t.dtype == torch.float8_e4m3fn and (t.shape[0] % block[0] or t.shape[1] % block[1]) for t in quantized.values())
+    save_file(quantized, path / "model.safetensors", metadata={"format": "pt"})
+    edit_config(path, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": list(block)})
+    return tensors
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

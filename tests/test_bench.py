@@ -53,7 +53,7 @@ def test_bench_scripts_help_runs_nothing(tmp_path):
     from pathlib import Path
 
     bench = Path(__file__).parents[1] / "bench"
-    for script in ("kv_cache.py", "threads.py", "serve.py"):
+    for script in ("kv_cache.py", "threads.py", "serve.py", "gpu.py", "compile_kernels.py"):
         run = subprocess.run([sys.executable, str(bench / script), "--help"], capture_output=True, text=True, timeout=60,
                              cwd=tmp_path)
         assert run.returncode == 0 and run.stdout.startswith("usage:"), script

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import shutil
 import struct
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf, edit_config, rel_err
+from conftest import build_hf, quantize_checkpoint, quantize_fp8, rel_err
 from moela.errors import CheckpointError
 from moela.loader import dequantize_fp8, load_model, save_model
 from moela.models import StepContext
@@ -45,39 +44,11 @@ def test_sharded_checkpoint(tmp_path):
     assert rel_err(logits_of(load_model(tmp_path, dtype=torch.float32)), hf_logits(hf)) < 1e-4
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise e4m3 quantization the way DeepSeek-V3 checkpoints store weights."""
-    out_dim, in_dim = w.shape
-    bo, bi = block
-    scale = torch.zeros(math.ceil(out_dim / bo), math.ceil(in_dim / bi))
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi]
-            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
-            q[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
-    return q, scale
-
-
 def test_fp8_block_quantized_checkpoint_with_ragged_edges(tmp_path):
     """Every attention/MLP/expert Linear in e4m3 with 16x16 scale blocks; dims 48, 72, 24... leave ragged edges."""
     hf = build_hf("v3", seed=4)
     hf.save_pretrained(tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
-    block, quantized = (16, 16), {}
-    for name, t in tensors.items():
-        is_linear = name.endswith("proj.weight") or ".experts." in name
-        if is_linear and t.dim() == 2 and "layernorm" not in name:
-            q, s = quantize_fp8(t, block)
-            quantized[name], quantized[name + "_scale_inv"] = q, s
-            tensors[name] = dequantize_fp8(q, s, block, name)  # what the oracle should see
-        else:
-            quantized[name] = t
-    ragged = [n for n, t in quantized.items() if t.dtype == torch.float8_e4m3fn and (t.shape[0] % 16 or t.shape[1] % 16)]
-    assert ragged, "the test needs ragged edge blocks"
-    save_file(quantized, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    edit_config(tmp_path, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                               "weight_block_size": list(block)})
+    tensors = quantize_checkpoint(tmp_path, (16, 16))
     state = hf.state_dict()
     for name, t in tensors.items():
         if name in state:

@@ -1,19 +1,24 @@
-"""Every op of every backend against the plain PyTorch reference on random inputs (bf16 and fp32),
-then whole models: the CPU backend's packed weights against the reference, and engine greedy tokens.
+"""Every op of every backend against the plain PyTorch reference on random inputs (bf16 and fp32; on
+the CPU and, where there is one, a CUDA GPU), then whole models: the CPU backend's packed weights
+against the reference, and engine greedy tokens.
 
 A backend whose library is absent, or that cannot run on this machine or dtype, is skipped with the
 reason in the skip message (pytest -rs shows them)."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from conftest import engine_for, rel_err
+from conftest import engine_for, quantize_fp8, rel_err
 from moela import ops, quantize
 from moela.engine.sampler import SamplingParams
 from moela.loader import load_model
 from moela.models import StepContext
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+FP8_TOL = 0.05  # a backend may quantize activations to e4m3 per 1 x block for an FP8 weight's GEMM
 CPU = torch.device("cpu")
 
 
@@ -33,8 +38,14 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
     """Cases as (args, kwargs); weights go in unpacked: the test packs them with each backend."""
     if op == "linear":
         return [((randn(rows, 96, dtype=dtype), randn(80, 96, dtype=dtype, seed=1) / 10), {}) for rows in (1, 7)]
-    if op == "rms_norm":
-        return [((randn(5, 3, 64, dtype=dtype), 1 + randn(64, dtype=dtype, seed=1) / 5, 1e-6), {})]
+    if op == "pack_fp8":  # through linear: ragged 32 x 32 blocks, as a checkpoint stores them
+        w, block = randn(80, 96, dtype=torch.float32, seed=1) / 10, (32, 32)
+        return [((randn(rows, 96, dtype=dtype), *quantize_fp8(w, block), block), {}) for rows in (1, 7)]
+    if op == "rms_norm":  # with a weight, and without (V4's)
+        return [((randn(5, 3, 64, dtype=dtype), weight, 1e-6), {}) for weight in (1 + randn(64, dtype=dtype, seed=1) / 5, None)]
+    if op == "add_rms_norm":  # the first input a strided view, as the model's slices are
+        return [((randn(5, 80, dtype=dtype)[:, :64], randn(5, 64, dtype=dtype, seed=2), 1 + randn(64, dtype=dtype, seed=1) / 5,
+                  1e-6), {})]
     if op == "rope":
         angles = randn(6, 8, dtype=torch.float32, seed=2) * 3
         return [((randn(6, 4, 16, dtype=dtype), angles.cos(), angles.sin(), inter), {}) for inter in (True, False)]
@@ -73,12 +84,12 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
         scores = randn(T, E, dtype=torch.float32, seed=4)
         weights, indices = scores.softmax(-1).topk(k, dim=-1)
         return [((randn(T, d, dtype=dtype), weights, indices, randn(E, 2 * inter, d, dtype=dtype, seed=5) / 5,
-                  randn(E, d, inter, dtype=dtype, seed=6) / 3), {})]
+                  randn(E, d, inter, dtype=dtype, seed=6) / 3, *limit), {}) for limit in ((), (0.5,))]  # V4 clamps
     raise AssertionError(f"no inputs for op {op!r}")
 
 
-TESTED = ("linear", "rms_norm", "rope", "causal_attention", "store_latent", "latent_attention", "indexer_topk",
-          "sparse_latent_attention", "index_scores", "sink_attention", "moe")
+TESTED = ("linear", "pack_fp8", "rms_norm", "add_rms_norm", "rope", "causal_attention", "store_latent", "latent_attention",
+          "indexer_topk", "sparse_latent_attention", "index_scores", "sink_attention", "moe")
 
 
 def test_every_op_has_inputs():
@@ -89,8 +100,13 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
     """Call the op as the model does: weights packed by the backend first; store_latent's result is its cache."""
     if op == "linear":
         return backend.linear(args[0], backend.pack_linear(args[1]))
+    if op == "pack_fp8":
+        x, w, scale, block = args
+        return backend.linear(x, backend.pack_linear(backend.pack_fp8(w, scale, block, x.dtype)))
+    if op == "add_rms_norm":
+        return torch.stack(backend.add_rms_norm(*args))
     if op == "moe":
-        return backend.moe(*args[:3], *backend.pack_experts(args[3], args[4]))
+        return backend.moe(*args[:3], *backend.pack_experts(args[3], args[4]), *args[5:])
     if op == "store_latent":
         cache = args[0].clone()
         backend.store_latent(cache, *args[1:])
@@ -103,22 +119,35 @@ def run_op(backend: ops.Backend, op: str, args: tuple):
     return getattr(backend, op)(*args)
 
 
+def on(device: torch.device, args: tuple) -> tuple:
+    """The inputs on device, a StepContext's tensors included."""
+    def move(a):
+        if isinstance(a, StepContext):
+            tables = None if a.block_tables is None else a.block_tables.to(device)
+            return dataclasses.replace(a, positions=a.positions.to(device), block_tables=tables)
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
+    return tuple(move(a) for a in args)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", TESTED)
 @pytest.mark.parametrize("name", ops.BACKENDS)
-def test_op_matches_reference(name, op, dtype):
+def test_op_matches_reference(name, op, dtype, device):
     try:
         backend = ops.load(name)
     except ImportError as e:
         pytest.skip(f"backend {name!r}: its library is not installed ({e})")
-    reason = ops.why_unavailable(name, CPU, dtype)
+    reason = ops.why_unavailable(name, device, dtype)
     if reason:
-        pytest.skip(f"backend {name!r} cannot run on the CPU with {dtype}: {reason}")
+        pytest.skip(f"backend {name!r} cannot run on {device} with {dtype}: {reason}")
     for args, _ in op_inputs(op, dtype):
+        args = on(device, args)
         ours, ref = run_op(backend, op, args), run_op(ops.REFERENCE, op, args)
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
         if ref.dtype.is_floating_point:
-            assert rel_err(ours, ref) < TOL[dtype], f"{name}.{op}"
+            assert rel_err(ours, ref) < (FP8_TOL if op == "pack_fp8" else TOL[dtype]), f"{name}.{op}"
         else:  # the indexer's picks
             assert torch.equal(ours.sort(dim=-1).values, ref.sort(dim=-1).values), f"{name}.{op}"
 
@@ -130,9 +159,12 @@ def test_select_auto_and_errors():
     assert ops.select("auto", torch.device("meta"), torch.bfloat16).name == "reference"
     with pytest.raises(ops.BackendUnavailable, match="backend 'cpu' cannot run on meta .* not meta"):
         ops.select("cpu", torch.device("meta"), torch.bfloat16)
-    with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu"):
+    with pytest.raises(ValueError, match="backend = 'cuda-magic' is invalid: must be 'auto' or one of reference, cpu, triton"):
         ops.select("cuda-magic", CPU, torch.float32)
     assert "linear" in ops.load("cpu").implemented() and ops.REFERENCE.implemented() == []
+    if torch.cuda.is_available():
+        triton_here = ops.why_unavailable("triton", torch.device("cuda"), torch.bfloat16) is None
+        assert ops.select("auto", torch.device("cuda"), torch.bfloat16).name == ("triton" if triton_here else "reference")
 
 
 cpu_only = pytest.mark.skipif(ops.why_unavailable("cpu", CPU, torch.bfloat16) is not None,
@@ -175,8 +207,8 @@ def test_expert_loop_equals_the_grouped_matmul():
     """The per-expert loop (the CPU backend's, and the reference's off the CPU for dtypes other than bf16)."""
     from moela.ops.reference import expert_loop, linear, moe
 
-    (args, _), = op_inputs("moe", torch.float32)
-    assert rel_err(expert_loop(*args, linear), moe(*args)) < 1e-6
+    for args, _ in op_inputs("moe", torch.float32):
+        assert rel_err(expert_loop(*args[:5], linear, *args[5:]), moe(*args)) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -199,10 +231,8 @@ def test_export_ops_match_the_reference(dtype):
     positions = torch.tensor([[kv - n + j for j in range(S)] for n, kv in zip(ctx.q_lens, ctx.kv_lens)])
     ours = export.latent_attention(pad(q), cache, pad(latent), StepContext.padded(positions, ctx.block_tables, 4), 0.2, 16)
     assert ours.dtype == ref.dtype and rel_err(ours[real], ref) < TOL[dtype]
-    (args, _), = op_inputs("moe", dtype)
-    for limit in (None, 0.3):  # 0.3: V4's clamped SwiGLU
-        ours = export.moe(*args[:3], *export.pack_experts(*args[3:5]), limit)
-        assert rel_err(ours, ops.REFERENCE.moe(*args[:5], limit)) < TOL[dtype]
+    for args, _ in op_inputs("moe", dtype):  # with and without V4's clamped SwiGLU
+        assert rel_err(export.moe(*args[:3], *export.pack_experts(*args[3:5]), *args[5:]), ops.REFERENCE.moe(*args)) < TOL[dtype]
 
 
 def npu_unavailable() -> str | None:

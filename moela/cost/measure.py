@@ -61,22 +61,23 @@ def measure_local() -> Hardware:
                     ops.device_memory(torch.device("cpu")) / 1e9, bandwidth / 1e12, {"bf16": flops / 1e12}, sources)
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A bf16 model on the CPU for timing: matrices N(0, 1/fan_in) (the embedding N(0, 1)), norms 1 + 0.1 N(0, 1),
+def random_model(cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> Transformer:
+    """A bf16 model for timing: matrices N(0, 1/fan_in) (the embedding N(0, 1)), norms 1 + 0.1 N(0, 1),
     zero router biases and random hash routes, so activations keep their scale and routing spreads out."""
-    model = build_model(cfg, torch.bfloat16, "cpu")
-    gen = torch.Generator().manual_seed(seed)
+    model = build_model(cfg, torch.bfloat16, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device)
             if p.dim() == 1:  # norm weights
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1 + 0.1 * noise)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name == "embed.weight" else p.shape[-1] ** -0.5))
+                p.copy_(noise * (1.0 if name == "embed.weight" else p.shape[-1] ** -0.5))
         for name, b in model.named_buffers():
             if name.endswith("gate.bias"):
                 b.zero_()
             elif name.endswith("tid2eid"):  # V4's hash routing: a random expert per (token, pick)
-                b.copy_(torch.randint(0, cfg.n_routed_experts, b.shape, generator=gen))
+                b.copy_(torch.randint(0, cfg.n_routed_experts, b.shape, generator=gen, device=device))
     return model.eval()
 
 

@@ -22,6 +22,7 @@ import torch
 from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
+from moela.engine.graphs import graph_sizes
 from moela.engine.onnx_runner import OnnxRunner, read_manifest
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
@@ -48,7 +49,7 @@ class LLMEngine:
             self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
             dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
             self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg)
+            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True)
             quantize.prepare(self.model, self.backend)
             specs = self.model.cache_specs()
         self.layout = layout = CacheLayout.fit(specs, dtype, cfg.block_size)
@@ -64,11 +65,12 @@ class LLMEngine:
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
                              f"{layout.fixed_bytes_per_sequence} bytes)")
         self.max_cached_tokens = num_blocks * layout.block_size
+        graphs = cfg.cuda_graphs and not num_slots
         if cfg.runtime == "onnx":
             self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider)
             running = f"ONNX Runtime ({self.runner.provider}, {str(dtype).removeprefix('torch.')})"
         else:
-            self.runner = Runner(self.model, layout, num_blocks, num_slots, self.backend)
+            self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
             running = f"backend {self.backend.name} on {self.device}"
         log.info("%s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", running, num_blocks, layout.block_size,
                  self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
@@ -79,6 +81,10 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        if cfg.cuda_graphs and not graphs:
+            log.info("CUDA graphs are off: this model keeps per-sequence state that padding rows would need too")
+        if graphs:
+            self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
         self.requests: dict[str, Request] = {}

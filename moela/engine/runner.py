@@ -14,13 +14,17 @@ synchronises, once per step and outside the layer loop: the sampled token ids (a
 asked for) come back to the host, which needs them to detokenize, stop and schedule the next step.
 Inside the loop, only backends whose MoE kernel runs one matmul per expert read the per-expert token
 counts on the host (the CPU backend's oneDNN packs: one small read per MoE layer); the reference's
-grouped matmul takes its offsets on the device.
+grouped matmul takes its offsets on the device. With `capture_graphs` (EngineConfig.cuda_graphs), decode
+steps replay CUDA graphs (moela/engine/graphs.py).
 """
+
+from collections.abc import Callable
 
 import torch
 
 from moela import ops
 from moela.engine.cache import CacheLayout
+from moela.engine.graphs import DecodeGraphs, cuda_graph_factory
 from moela.engine.sequence import Sequence
 from moela.models import StepContext
 
@@ -32,10 +36,17 @@ class Runner:
         self.device = model.embed.weight.device
         self.caches = layout.allocate(num_blocks, num_slots, self.device)
         model.attach_cache(self.caches)
+        self.graphs: DecodeGraphs | None = None
 
-    def context(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepContext]:
+    @torch.inference_mode()
+    def capture_graphs(self, sizes: list[int], width: int, scratch_block: int, new_graph: Callable | None = None) -> None:
+        """Capture the decode step for each batch size (moela/engine/graphs.py): block tables `width` blocks
+        wide, padding rows cached in `scratch_block`, which no sequence may own; CUDA graphs unless new_graph says."""
+        self.graphs = DecodeGraphs(self, sizes, width, scratch_block, new_graph or cuda_graph_factory())
+
+    def context(self, batch: list[tuple[Sequence, int]], width: int | None = None) -> tuple[torch.Tensor, StepContext]:
         tokens, positions, slots, bs = [], [], [], self.block_size
-        width = max(len(seq.block_table) for seq, _ in batch)
+        width = width or max(len(seq.block_table) for seq, _ in batch)
         for seq, n in batch:
             start = seq.num_computed
             tokens += seq.token_ids[start : start + n]
@@ -54,6 +65,8 @@ class Runner:
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Return (logits of each batch entry's last row [B, V], {b: logits of all of b's rows} for b in all_rows)."""
+        if self.graphs is not None and not all_rows and (logits := self.graphs.run(batch)) is not None:
+            return logits, {}
         tokens, ctx = self.context(batch)
         last = torch.tensor(ctx.q_starts[1:], device=self.device) - 1
         hidden = self.model(tokens, ctx.positions, ctx)

@@ -125,8 +125,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
-        return x + self.ffn(self.ffn_norm(x))
+        h, x = self.ffn_norm(self.attn(self.attn_norm(x), cos, sin, ctx), residual=x)  # x += attention; h = norm(x)
+        return x + self.ffn(h)
 
 
 class Transformer(OpsModule):

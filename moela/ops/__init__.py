@@ -17,7 +17,8 @@ for moela/export.py and is no engine backend.
 | op | what |
 |---|---|
 | linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up) |
-| rms_norm, rope | RMSNorm (HF's rounding), rotary embedding on the rope dims |
+| pack_fp8 | an FP8 block-quantized checkpoint weight in the form pack_linear and pack_experts take |
+| rms_norm, add_rms_norm, rope | RMSNorm (HF's rounding), the same after a residual add, rotary embedding on the rope dims |
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
 | store_latent, latent_attention | write the MLA latent into the paged cache; absorbed attention over it |
 | indexer_topk, sparse_latent_attention | V3.2's lightning indexer, and absorbed attention over the rows it picks |
@@ -36,8 +37,8 @@ import torch
 from moela.errors import MoelaError
 from moela.ops import reference
 
-BACKENDS = ("reference", "cpu", "npu")  # every engine backend module (export.py: graph tracing only)
-AUTO_ORDER = {"cpu": ("cpu",), "npu": ("npu",)}  # device type -> backends "auto" tries before the reference
+BACKENDS = ("reference", "cpu", "triton", "npu")  # every engine backend module (export.py: graph tracing only)
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton",), "npu": ("npu",)}  # device type -> backends "auto" tries before the reference
 DEVICE_LIBRARIES = {"npu": "npu"}  # device type -> the backend module whose import registers it with torch
 
 
@@ -46,7 +47,9 @@ class Backend:
     name: str
     linear: Callable
     pack_linear: Callable
+    pack_fp8: Callable
     rms_norm: Callable
+    add_rms_norm: Callable
     rope: Callable
     causal_attention: Callable
     store_latent: Callable

@@ -24,11 +24,25 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An e4m3 weight [..., out, in] with block scales [..., ceil(out/bo), ceil(in/bi)], dequantized to
+    dtype: W[i, j] = fp32(Wq[i, j]) * S[i // bo, j // bi] (edge blocks may be ragged)."""
+    (bo, bi), (out_dim, in_dim) = block, weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(bo, -2)[..., :out_dim, :].repeat_interleave(bi, -1)[..., :in_dim]
+    return (weight.float() * scale).to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Normalized in fp32, cast back to x's dtype, then scaled (unless weight is None): bit-identical to
     HF's RMSNorm."""
     normed = F.rms_norm(x, (x.shape[-1],), None, eps)
     return normed if weight is None else weight * normed
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a pre-norm block's residual add and the norm after it."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

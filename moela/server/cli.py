@@ -111,7 +111,8 @@ def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
 
     path = model_dir(args.model)
     engine_cfg = EngineConfig(model=path, dtype=args.dtype, device=args.device, backend=args.backend, threads=args.threads,
-                              runtime=args.runtime, provider=args.provider, max_model_len=args.max_model_len,
+                              runtime=args.runtime, provider=args.provider, cuda_graphs=args.cuda_graphs,
+                              max_model_len=args.max_model_len,
                               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     engine_cfg.check_model(ModelConfig.from_pretrained(path))  # an unsupported model fails before the server starts
     if engine_cfg.runtime == "torch":
