@@ -15,8 +15,9 @@ ops of moela/ops/export.py, and torch.onnx (dynamo) traces one engine step twice
 B, S, R, blocks and the cache's num_blocks and block_size are dynamic. Each sequence's rows are its
 next tokens, at positions running on from what its cache holds (positions[:, 0] tokens, in its
 block_tables' blocks); shorter sequences are padded at the end. kv_cache.N is layer N's latent cache
-[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim], read only: the graph returns the new rows
-(kv_cache.N.new) and the runtime writes them at their slots, so no step copies the cache. Weights are
+[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] (V3.2's layers add indexer.k_cache.N, the
+indexer's keys), read only: the graph returns the new rows (kv_cache.N.new) and the runtime writes them
+at their slots, so no step copies the cache. Weights are
 stored once, in weights.data beside the graphs (ONNX external data that both graphs reference).
 manifest.json records the dtype, opset, caches and graph signatures; the model's config.json and
 tokenizer files are copied beside them, so the directory is a model directory for `--runtime onnx`.
@@ -46,7 +47,7 @@ from moela.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-EXPORTABLE = ("deepseek_v2", "deepseek_v3", "kimi_k2")  # MLA models; V3.2's indexer and V4's attention: not yet
+EXPORTABLE = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32")  # MLA models (V3.2: with its indexer); V4: not yet
 MIN_OPSET = 20  # the dynamo exporter's translations (aten::rms_norm among them) need at least this
 WEIGHTS = "weights.data"
 ORT_DTYPES = (torch.float32, torch.float16)  # what ONNX Runtime's CPU kernels run (bfloat16: hardly any)

@@ -61,7 +61,7 @@ class OnnxStepper(Stepper):
         self.seqs = [Sequence(str(i), 0, [], 0, SamplingParams(), None, None) for i in range(n_seqs)]
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v32"])
 def test_logits_match_the_torch_runner_on_mixed_steps(exported, variant):
     src, out = exported(variant)
     torch_steps, onnx_steps = Stepper(load_model(src, torch.float32), 3), OnnxStepper(out, 3)
@@ -71,7 +71,7 @@ def test_logits_match_the_torch_runner_on_mixed_steps(exported, variant):
         assert (a - b).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v32"])
 def test_greedy_tokens_equal_the_torch_engine(exported, variant):
     src, out = exported(variant)
     ps = prompts(6, seed=1)
@@ -167,8 +167,8 @@ def test_generate_and_serve_on_the_export(exported, capsys):
 def test_export_errors_name_the_problem(hf_checkpoint, tmp_path, capsys):
     assert export_main(["onnx", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     assert "no such model directory" in capsys.readouterr().err
-    assert export_main(["onnx", str(hf_checkpoint("v32")[0]), str(tmp_path / "out")]) == 1
-    assert "model_type 'deepseek_v32' cannot be exported yet" in capsys.readouterr().err
+    assert export_main(["onnx", str(hf_checkpoint("v4")[0]), str(tmp_path / "out")]) == 1
+    assert "model_type 'deepseek_v4' cannot be exported yet" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main(["onnx", str(tmp_path), str(tmp_path / "out"), "--dtype", "bfloat16"])
 

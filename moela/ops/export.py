@@ -13,32 +13,68 @@ from the cache and this step's rows from `latent`, and whoever runs the graph wr
 the cache after it (moela/export.py has store_latent collect them as graph outputs). Rows past a
 sequence's real ones are padding: they see only rows before them, so they never change a real row,
 and the caller drops them. Other ops are the reference's, which trace as they are.
-Letters: B sequences, S new rows per sequence, h heads, w latent width, c value width, t cached keys.
+Letters: B sequences, S new rows per sequence, h heads, w latent width, c value width, t cached keys
+(the table's blocks, whole); V3.2's indexer: H heads of D values.
 """
 
 import torch
 import torch.nn.functional as F
 
-from moela.ops.reference import swiglu
+from moela.ops.reference import index_scores, swiglu
+
+
+def step_rows(cache: torch.Tensor, new: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a step's queries read: each sequence's table blocks, whole, then its S new rows -> rows
+    [B, t + S, w], and visible [B, S, t + S] (row s of a sequence sees cached rows before positions[b, 0]
+    and new rows 0..s). new [B*S, w]; cache [num_blocks, block_size, w]."""
+    B = ctx.block_tables.shape[0]
+    positions = ctx.positions.view(B, -1)  # [B, S]
+    S, w = positions.shape[1], new.shape[-1]
+    cached = cache[ctx.block_tables].view(B, -1, w)  # [B, t, w]
+    old = torch.arange(cached.shape[1], device=new.device) < positions[:, :1]  # [B, t]: cached before the step
+    causal = torch.ones(S, S, dtype=torch.bool, device=new.device).tril()  # [S, S]
+    visible = torch.cat([old[:, None, :].expand(B, S, -1), causal[None].expand(B, S, S)], dim=2)
+    return torch.cat([cached, new.view(B, S, w)], dim=1), visible
 
 
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor, ctx, scale: float,
                      value_dim: int) -> torch.Tensor:
     """Absorbed MLA: row s of sequence b attends its cached keys before positions[b, 0] and its own new
     rows 0..s -> [B*S, h, value_dim]. q [B*S, h, w]; latent [B*S, w]; cache [num_blocks, block_size, w]."""
-    B = ctx.block_tables.shape[0]
-    T, h, w = q.shape
-    positions = ctx.positions.view(B, -1)  # [B, S]
-    S = positions.shape[1]
-    cached = cache[ctx.block_tables].view(B, -1, w)  # [B, t, w]: the table's blocks, whole
-    keys = torch.cat([cached, latent.view(B, S, w)], dim=1)  # [B, t + S, w]
-    old = torch.arange(cached.shape[1], device=q.device) < positions[:, :1]  # [B, t]: cached before the step
-    new = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()  # [S, S]: row s sees new rows <= s
-    visible = torch.cat([old[:, None, :].expand(B, S, -1), new[None].expand(B, S, S)], dim=2)  # [B, S, t + S]
+    keys, visible = step_rows(cache, latent, ctx)  # [B, t + S, w], [B, S, t + S]
+    (B, S, _), (T, h, w) = visible.shape, q.shape
     scores = torch.einsum("bshw,btw->bsht", q.view(B, S, h, w), keys).float() * scale
     probs = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(dim=-1).to(keys.dtype)
     out = torch.einsum("bsht,btc->bshc", probs, keys[..., :value_dim])  # [B, S, h, c]
     return out.reshape(T, h, value_dim)
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor, ctx, topk: int,
+                 scale: float) -> torch.Tensor:
+    """V3.2's lightning indexer on a padded step: each query's `topk` best visible keys by the reference's
+    index_scores -> [B*S, topk], -1 where it sees fewer. The picks index step_rows (the table's cached
+    rows, then the new ones), not positions: sparse_latent_attention below reads the same rows. The
+    scores gain topk columns of -inf, so TopK's k is the constant topk whatever the context length.
+    q [B*S, H, D]; weights [B*S, H] fp32; keys [B*S, D]; cache [num_blocks, block_size, D]."""
+    rows, visible = step_rows(cache, keys, ctx)  # [B, t + S, D], [B, S, t + S]
+    (B, S, _), (T, H, D) = visible.shape, q.shape
+    scores = index_scores(q.view(B, S, H, D), weights.view(B, S, H), rows, scale).masked_fill(~visible, float("-inf"))
+    scores = torch.cat([scores, scores.new_full((B, S, topk), float("-inf"))], dim=2)  # [B, S, t + S + topk]
+    best = scores.topk(topk, dim=-1)
+    return best.indices.masked_fill(best.values == float("-inf"), -1).view(T, topk)
+
+
+def sparse_latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor, indices: torch.Tensor, ctx,
+                            scale: float, value_dim: int) -> torch.Tensor:
+    """Absorbed MLA over the rows indexer_topk picked (indices [B*S, k] into step_rows, -1 = none)
+    -> [B*S, h, value_dim]: each query gathers its k latent rows, whatever its context length."""
+    rows, _ = step_rows(cache, latent, ctx)  # [B, t + S, w]
+    (B, _, w), (T, h, _), k = rows.shape, q.shape, indices.shape[1]
+    flat = indices.clamp(min=0).view(B, -1, 1).expand(-1, -1, w)  # [B, S*k, w]
+    picked = rows.gather(1, flat).view(T, k, w)  # [B*S, k, w]
+    scores = torch.einsum("thw,tkw->thk", q, picked).float() * scale
+    probs = scores.masked_fill((indices < 0)[:, None, :], float("-inf")).softmax(dim=-1).to(picked.dtype)
+    return torch.einsum("thk,tkc->thc", probs, picked[..., :value_dim])
 
 
 def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
