@@ -9,7 +9,8 @@ kernels run it), then each engine runs in its own process on the same prompts: m
 in bfloat16 (the oneDNN-packed `cpu` backend where the CPU has it), moela's reference backend in
 float32, and runtime "onnx" on the CPU provider in float32. The decode step is the median wall time of
 the steps that run no prefill; decode tokens/s = batch / that step. Writes
-bench/results/onnx-<shape>-<date>.json with the machine, the command and every number.
+bench/results/onnx-<shape>-<date>.json with the machine, its load average around the runs (a load above
+half its core count means other work skewed every number), the command and every number.
 """
 
 import argparse
@@ -57,8 +58,18 @@ def measure(args: argparse.Namespace) -> dict:
                 steps.append(time.perf_counter() - t)
         step = sorted(steps)[len(steps) // 2]
         out[str(b)] = {"decode_step_ms": 1e3 * step, "decode_tokens_per_s": b / step, "steps": len(steps)}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the address space exec started; ru_maxrss
+    there also counts the parent's at fork (the exporting parent's, here), so it is only the fallback."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +100,7 @@ def main(argv: list[str]) -> int:
     if shape not in model_names():
         print(f"error: --shape {args.shape!r} is not in moela's model catalog", file=sys.stderr)
         return 1
+    load = os.getloadavg()[0]  # other work on the machine skews every number below
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, onnx = Path(tmp) / "checkpoint", Path(tmp) / "onnx"
         write_checkpoint(shape, checkpoint)
@@ -99,17 +111,22 @@ def main(argv: list[str]) -> int:
                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
         runs = {e: json.loads(subprocess.run(common + ["--engine", e], check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 for e in args.engines}
+    load = max(load, os.getloadavg()[0])
+    loaded = load > (os.cpu_count() or 1) / 2
     print(f"{shape}: {args.threads} threads, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; export {export_s:.0f} s")
     print(f"{'engine':<22} {'kernels':<20} " + " ".join(f"{f'batch {b} ms':>11} {'tok/s':>7}" for b in args.batches) + f" {'RSS MB':>8}")
     for name, r in runs.items():
         cells = " ".join(f"{r[str(b)]['decode_step_ms']:>11.1f} {r[str(b)]['decode_tokens_per_s']:>7.1f}" for b in args.batches)
         print(f"{name:<22} {r['backend']:<20} {cells} {r['peak_rss_mb']:>8.0f}")
+    if loaded:
+        print(f"machine loaded: load average {load:.1f} on {os.cpu_count()} cores; these numbers are not comparable")
     date = datetime.datetime.now().strftime("%Y-%m-%d")
     out = Path(args.out) / f"onnx-{shape}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python bench/onnx_runtime.py " + " ".join(argv), "date": date,
                                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
-                               "export_s": export_s, "args": vars(args), "runs": runs}, indent=1) + "\n")
+                               "load_avg_1m": round(load, 2), "loaded": loaded, "export_s": export_s, "args": vars(args),
+                               "runs": runs}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 
