@@ -54,6 +54,10 @@ def kernels(m: dict) -> dict[str, tuple]:
             q=bf, keys=bf, tables="*i64", tokens="*i32", out=bf, part_o="*fp32", part_lse="*fp32", stride_qt=i32,
             stride_qh=i32, stride_tb=i32, stride_k=i32, H=i32, C=i32, R=i32, scale=f32, block_size=i32, splits=i32,
             PAGED=True, BLOCK_M=16, BLOCK_N=32, BLOCK_C=p2(m["C"]), BLOCK_R=p2(m["R"])), 8 if p2(m["C"]) >= 256 else 4),
+        "sparse_latent_attention": (k.sparse_latent_attention_kernel, dict(
+            q=bf, keys=bf, tables="*i64", owner="*i64", indices="*i64", out=bf, stride_qt=i32, stride_qh=i32, stride_tb=i32,
+            stride_k=i32, stride_i=i32, H=i32, C=i32, R=i32, K=i32, scale=f32, block_size=i32, PAGED=True, BLOCK_M=16,
+            BLOCK_N=32, BLOCK_C=p2(m["C"]), BLOCK_R=p2(m["R"])), 8 if p2(m["C"]) >= 256 else 4),
         "merge_splits (8 slices)": (k.merge_splits_kernel, dict(part_o="*fp32", part_lse="*fp32", tokens="*i32", out=bf,
                                                                 H=i32, C=i32, SPLITS=8, BLOCK_C=p2(m["C"])), 4),
         "causal_attention": (k.causal_attention_kernel, dict(

@@ -104,7 +104,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, load = [], os.getloadavg()[0]  # other work on the machine skews every time below
     print(f"{'model':36} {'context':>8} {'step ms':>9} {'attention ms':>13} {'indexer ms':>11} {'cache/seq MB':>13}")
     for name, raw in MODELS.items():
         cfg = ModelConfig.from_dict(raw)
@@ -118,7 +118,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python bench/sparse_attention.py " + " ".join(sys.argv[1:]), "date": date,
                                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor()}",
-                               "threads": torch.get_num_threads(), "models": MODELS, "rows": rows}, indent=1))
+                               "threads": torch.get_num_threads(), "load_average_at_start": load, "models": MODELS,
+                               "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from moela import threads
-from moela.config import HelpFormatter, ModelConfig
+from moela.config import QUANTIZATIONS, HelpFormatter, ModelConfig
 from moela.cost import formulas as cost
-from moela.cost.catalog import load_model, model_names
+from moela.cost.catalog import load_model, model_names, shape_from_model_config
 from moela.cost.measure import copy_bandwidth, random_model
 from moela.loader import save_model
 from moela.ops import BACKENDS
@@ -55,8 +55,10 @@ def run_moela(args: argparse.Namespace) -> dict:
 
     batches, prompt_len, new_tokens = args.batches, args.prompt_len, args.new_tokens
     llm = LLM(model=Path(args.checkpoint), dtype="bfloat16", max_num_seqs=max(batches), backend=args.backend,
-              max_num_batched_tokens=max(batches) * prompt_len, skip_tokenizer_init=True, enable_prefix_caching=False)
+              quantization=args.quantization, max_num_batched_tokens=max(batches) * prompt_len, skip_tokenizer_init=True,
+              enable_prefix_caching=False, max_model_len=prompt_len + new_tokens + 16)  # a cache for what it runs, no more
     engine, results = llm.engine, {}
+    shape, weight_dtype = shape_from_model_config(engine.model_cfg), (args.quantization or "bf16").split("-")[0]
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts(1, 16, llm.engine.model_cfg.vocab_size), SamplingParams(max_tokens=4))  # warm-up
     for b in batches:
@@ -75,7 +77,7 @@ def run_moela(args: argparse.Namespace) -> dict:
         prefill_time = sum(t for pre, t in steps if pre)
         results[b] = {"tokens_per_s": b * new_tokens / wall, "wall_s": wall, "decode_step_ms": 1e3 * sorted(decode)[len(decode) // 2],
                       "prefill_tokens_per_s": b * prompt_len / prefill_time,
-                      "roofline_bytes": sum(cost.decode_bytes(load_model(args.shape).shape, b, prompt_len + new_tokens // 2, "bf16"))}
+                      "roofline_bytes": sum(cost.decode_bytes(shape, b, prompt_len + new_tokens // 2, weight_dtype, "bf16"))}
     return {"results": results, "kv_bytes_per_token": engine.bytes_per_token, "peak_rss_mb": _rss_mb(),
             "backend": engine.backend.name}
 
@@ -109,6 +111,11 @@ def _importable(name: str) -> bool:
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS. Linux's VmHWM starts afresh at exec; ru_maxrss keeps the high-water mark of
+    the process that spawned it (here the parent, which built the checkpoint)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -129,6 +136,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU threads of both engines: a number, or auto (the cores free when the run starts, fixed)")
     p.add_argument("--skip-hf", action="store_true", help="measure moela only (no transformers needed)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="moela's kernels")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="moela's weights: int8 or int4 (weight-only)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--engine", choices=["moela", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         write_checkpoint(args.shape, Path(tmp))
         common = [sys.executable, "-m", "moela.bench", "--checkpoint", tmp, "--prompt-len", str(args.prompt_len), "--new-tokens",
                   str(args.new_tokens), "--threads", str(args.threads), "--batches", *map(str, args.batches),
-                  "--shape", args.shape, "--backend", args.backend]
+                  "--shape", args.shape, "--backend", args.backend] + (["--quantization", args.quantization] if args.quantization else [])
         runs = {e: json.loads(subprocess.run(common + ["--engine", e], check=True, capture_output=True, text=True).stdout)
                 for e in (["moela"] if args.skip_hf else ["moela", "hf"])}
     report(args, runs, copy_bandwidth(mib=512, repeats=5))
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, runs: dict, bandwidth: float) -> None:
     ours, hf = runs["moela"], runs.get("hf")
-    print(f"{args.shape}: bf16, {args.threads} threads, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; "
+    print(f"{args.shape}: {args.quantization or 'bf16'}, {args.threads} threads, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'batch':>5} {'moela tok/s':>12} {'hf tok/s':>9} {'ratio':>6} {'decode ms':>10} {'roofline ms':>12} "
           f"{'of roofline':>12} {'prefill tok/s':>14}")
@@ -175,7 +183,7 @@ def report(args: argparse.Namespace, runs: dict, bandwidth: float) -> None:
     print(f"KV bytes/token: moela {ours['kv_bytes_per_token']:,.0f}" + (f", transformers {hf['kv_bytes_per_token']:,.0f}" if hf else ""))
     print(f"peak RSS MB: moela {ours['peak_rss_mb']:,.0f}" + (f", transformers {hf['peak_rss_mb']:,.0f}" if hf else ""))
     date = datetime.datetime.now().strftime("%Y-%m-%d")
-    out = Path(args.out) / f"throughput-{args.shape}-{date}.json"
+    out = Path(args.out) / f"throughput-{args.shape}{'-' + args.quantization if args.quantization else ''}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "moela bench " + " ".join(args.argv), "date": date,
                                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",

@@ -38,6 +38,11 @@ DTYPE_TABLE: dict[str, tuple[torch.dtype | None, float]] = {
     "bf16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "fp32": (torch.float32, 4),
     "fp8": (torch.float8_e4m3fn, 1), "int8": (torch.int8, 1), "int4": (None, 0.5)}
 DTYPES = {name: dtype for name, (dtype, _) in list(DTYPE_TABLE.items())[:6]}
+# Weight-only quantization (LLM(quantization=...), --quantization): name -> format of
+# moela.ops.reference.QUANT_FORMATS. int8: one scale per output channel; int4: a scale and a zero
+# point per group of input channels.
+QUANTIZATIONS = {"int8": "int8", "int4": "int4-g128", "int4-g32": "int4-g32", "int4-g64": "int4-g64",
+                 "int4-g128": "int4-g128"}
 DTYPE_BYTES = {name: float(size) for name, (_, size) in DTYPE_TABLE.items()}
 
 # Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
@@ -418,6 +423,7 @@ class EngineConfig:
     runtime: str = "torch"  # "onnx": model is a `moela export onnx` directory, run by ONNX Runtime (dtype is the graphs')
     provider: str = "cpu"  # runtime "onnx": ONNX Runtime's execution provider (cpu, cuda, cann)
     cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
+    quantization: str | None = None  # weight-only: a key of QUANTIZATIONS ("int8", "int4", ...); None: the model dtype
     scheduler: SchedulerConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -428,6 +434,8 @@ class EngineConfig:
             raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization = {self.quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATIONS)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime = {self.runtime!r} is invalid: must be one of {', '.join(RUNTIMES)}")
         if self.provider not in PROVIDERS:
@@ -436,6 +444,9 @@ class EngineConfig:
             raise ValueError(f"provider = {self.provider!r} applies to runtime 'onnx' only (torch runs on device=...)")
         if self.cuda_graphs and self.runtime != "torch":
             raise ValueError(f"cuda_graphs = True applies to runtime 'torch' only, not runtime = {self.runtime!r}")
+        if self.quantization is not None and self.runtime != "torch":
+            raise ValueError(f"quantization = {self.quantization!r} applies to runtime 'torch' only (export the graphs "
+                             f"in float16 instead)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -454,6 +465,11 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def quant_format(self) -> str | None:
+        """The weight format quantization names (moela.ops.reference.QUANT_FORMATS), or None."""
+        return QUANTIZATIONS[self.quantization] if self.quantization else None
 
     def check_model(self, model: "ModelConfig") -> int:
         """The context length this engine serves the model at: max_model_len, never past the positions
@@ -484,6 +500,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime's execution provider (--runtime onnx)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="weight-only quantization, done as the checkpoint loads: int8 (per output channel) or int4 "
+                             f"(zero points per group of inputs; int4 = {QUANTIZATIONS['int4']})")
     add_threads_arg(parser)
 
 

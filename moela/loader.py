@@ -37,6 +37,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "U8": torch.uint8, "BOOL": torch.bool}
 PACKED = ("F4", "I8", "U8")  # how FP4 experts come: two e2m1 values per byte (F4 counts values, I8/U8 bytes)
 MAX_HEADER = 100 * 1024 * 1024
+MAP_BYTES = 64 * 2**20  # a file is mapped afresh after this many bytes: pages read through a mapping count in RSS while it lives
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
@@ -114,7 +115,10 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               cfg: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
+               cfg: ModelConfig | None = None, keep_fp8: bool = False, hook=None) -> Transformer:
+    """`hook` (quantization on load: moela.quantize.OnLoad) takes weights as they are read: hook.claim(model)
+    empties the parameters it will fill before the rest is allocated, then hook.take((our name, expert,
+    half), tensor) -> True for each tensor it keeps itself (FP8 and FP4 ones come dequantized to fp32)."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     where = checkpoint_files(path)
@@ -124,7 +128,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
             raise CheckpointError(f"{f}: tensor '{name}' is listed in the index but not in this file")
     model = build_model(cfg, dtype, "meta")
     plan = (_plan_v4 if cfg.v4 else _plan)(cfg, model, where, headers)  # every check before any allocation
-    kept = _fp8_params(cfg, model, plan, headers) if keep_fp8 else {}
+    if hook:
+        hook.claim(model)
+    kept = _fp8_params(cfg, model, plan, headers) if keep_fp8 and not hook else {}
     _materialize(model, kept, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     handles: dict[Path, object] = {}
@@ -134,6 +140,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: to
             for hf_name, (src, target) in plan.items():
                 if src == f:
                     tensor, scale = _read(hf_name, where, handles, cfg, keep_fp8=target[0] in kept)
+                    if hook and hook.take(target, tensor):
+                        continue
                     _destination(params, target).copy_(tensor)
                     if scale is not None:
                         _destination(params, (target[0] + "_scale_inv", *target[1:])).copy_(scale)
@@ -254,8 +262,12 @@ def _read(hf_name: str, where: dict[str, Path], handles: dict, cfg: ModelConfig,
     def get(name: str) -> torch.Tensor:
         f = where[name]
         if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name)
+            handles[f] = [safe_open(str(f), framework="pt"), 0]
+        tensor = handles[f][0].get_tensor(name)
+        handles[f][1] += tensor.nbytes
+        if handles[f][1] > MAP_BYTES:
+            del handles[f]  # unmapped once the tensors read through it are gone
+        return tensor
 
     tensor, what = get(hf_name), f"{where[hf_name]}: tensor '{hf_name}'"
     if tensor.dtype == torch.float8_e4m3fn:

@@ -82,21 +82,21 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template error: {e}") from None
 
-    def stream(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
 
 
 class StreamDecoder:
     """Incremental detokenizer: emits text only once it decodes to whole characters."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.ids, self.skip = tokenizer, [], skip_special_tokens
         self.prefix_offset = self.read_offset = 0
 
     def step(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix) :]
@@ -104,8 +104,8 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix) :]
 

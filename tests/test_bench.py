@@ -20,6 +20,18 @@ def test_bench_tiny_writes_results(tmp_path, capsys):
     assert data["runs"]["moela"]["kv_bytes_per_token"] == data["runs"]["hf"]["kv_bytes_per_token"]
 
 
+def test_bench_quantized_roofline_reads_quantized_bytes(tmp_path, capsys):
+    """--quantization int4 runs moela on int4 weights; its roofline counts the weights at half a byte."""
+    args = ["bench", "--shape", "tiny", "--batches", "1", "--prompt-len", "8", "--new-tokens", "2", "--threads", "1",
+            "--skip-hf"]
+    for quant in ([], ["--quantization", "int4"]):
+        assert main(args + quant + ["--out", str(tmp_path / (quant[-1] if quant else "bf16"))]) == 0
+    assert "tiny: int4," in capsys.readouterr().out
+    bf16, int4 = (json.loads(next((tmp_path / d).glob("throughput-tiny*.json")).read_text()) for d in ("bf16", "int4"))
+    assert next((tmp_path / "int4").glob("throughput-tiny-int4-*.json"))
+    assert int4["runs"]["moela"]["results"]["1"]["roofline_bytes"] < bf16["runs"]["moela"]["results"]["1"]["roofline_bytes"]
+
+
 BLOCK_TRANSFORMERS = '''
 import sys
 class _NoTransformers:
@@ -53,7 +65,25 @@ def test_bench_scripts_help_runs_nothing(tmp_path):
     from pathlib import Path
 
     bench = Path(__file__).parents[1] / "bench"
-    for script in ("kv_cache.py", "threads.py", "serve.py", "gpu.py", "compile_kernels.py"):
+    for script in ("kv_cache.py", "threads.py", "serve.py", "gpu.py", "compile_kernels.py", "quant_kernels.py",
+                   "quant_quality.py", "decode_overhead.py", "quantized.py"):
         run = subprocess.run([sys.executable, str(bench / script), "--help"], capture_output=True, text=True, timeout=60,
                              cwd=tmp_path)
         assert run.returncode == 0 and run.stdout.startswith("usage:"), script
+
+
+def test_peak_rss_is_the_childs_own():
+    """Each engine's peak RSS is its own process's, not the high-water mark of the process that spawned it
+    (getrusage's ru_maxrss carries that across exec)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from moela.bench import _rss_mb
+
+    held = torch.ones(2**26)  # 256 MiB more in this process than the child will ever hold
+    run = subprocess.run([sys.executable, "-c", "from moela.bench import _rss_mb; print(_rss_mb())"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert float(run.stdout) < _rss_mb() - 200, (run.stdout, _rss_mb())
+    del held

@@ -107,3 +107,10 @@ def test_threads_flag(model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--threads", "0", "hi"])
     assert "argument --threads: '0' is not 'auto' or a positive integer" in capsys.readouterr().err
+
+
+def test_generate_quantized(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--quantization", "int4", "--max-tokens", "2", "hi"]) == 0
+    with pytest.raises(SystemExit):
+        main(["generate", "--quantization", "int3", "hi"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

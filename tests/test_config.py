@@ -107,3 +107,12 @@ def test_model_dir_errors_name_the_path_and_what_to_do(tmp_path):
         model_dir(tmp_path / "nope")
     with pytest.raises(ConfigError, match="org/name: no such model directory \\(moela reads local directories only"):
         model_dir("org/name")
+
+
+def test_engine_quantization_names():
+    from moela.config import EngineConfig
+
+    assert EngineConfig(quantization="int4").quant_format == "int4-g128"
+    assert EngineConfig(quantization="int8").quant_format == "int8" and EngineConfig().quant_format is None
+    with pytest.raises(ValueError, match="quantization = 'int3' is invalid: must be None or one of int8, int4"):
+        EngineConfig(quantization="int3")

@@ -144,6 +144,8 @@ def test_runtime_onnx_refuses_a_directory_that_is_no_export(hf_checkpoint):
         engine_for(src, provider="cuda")
     with pytest.raises(ValueError, match="cuda_graphs = True applies to runtime 'torch' only"):
         engine_for(src, runtime="onnx", cuda_graphs=True)
+    with pytest.raises(ValueError, match="quantization = 'int8' applies to runtime 'torch' only"):
+        engine_for(src, runtime="onnx", quantization="int8")
 
 
 def test_generate_and_serve_on_the_export(exported, capsys):

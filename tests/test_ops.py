@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import engine_for, quantize_fp8, rel_err
 from moela import ops, quantize
@@ -67,8 +68,12 @@ def op_inputs(op: str, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
         return [((q, weights, randn(10, 4, 8, dtype=dtype, seed=3), keys, paged_context(), 3, 0.3), {})]
     if op == "sparse_latent_attention":
         picks = torch.tensor([[0, 7, -1], [2, 9, 5], [10, 1, -1], [0, 4, 8], [3, -1, -1], [1, 4, 0]])  # within each context
+        own = torch.tensor([[0, -1, -1], [1, 0, -1], [2, 0, 1], [3, 1, -1], [0, -1, -1], [1, 0, -1]])  # of prefill([4, 2])
+        fresh = StepContext.prefill([4, 2])
+        fresh.naive_prefill = False
         return [((randn(6, 3, 20, dtype=dtype), randn(10, 4, 20, dtype=dtype, seed=1), randn(6, 20, dtype=dtype, seed=2),
-                  picks, paged_context(), 0.2, 16), {})]
+                  picks, paged_context(), 0.2, 16), {}),
+                ((randn(6, 3, 20, dtype=dtype), None, randn(6, 20, dtype=dtype, seed=2), own, fresh, 0.2, 16), {})]
     if op == "index_scores":
         return [((randn(5, 4, 8, dtype=dtype), randn(5, 4, dtype=torch.float32, seed=1), randn(7, 8, dtype=dtype, seed=2),
                   0.3), {})]
@@ -290,3 +295,91 @@ def test_npu_ops_on_an_npu_match_the_reference_on_the_cpu(dtype):
         for args, _ in op_inputs(op, dtype):
             ours, ref = run_op(npu, op, tuple(move(a) for a in args)).cpu(), run_op(ops.REFERENCE, op, args)
             assert ours.dtype == ref.dtype and rel_err(ours, ref) < TOL[dtype], op
+
+
+# ---- weight-only quantization: codes against the float weight, every backend against the reference ----
+
+FORMATS = tuple(ops.reference.QUANT_FORMATS)
+# Bounds on Gaussian weights (relative Frobenius error of the dequantized weight and of x W^T): round to
+# nearest of 255 levels over a row's [-max, max] (int8), of 16 levels over a group's [min, max] (int4).
+QUANT_ERR = {"int8": 0.01, "int4-g32": 0.09, "int4-g64": 0.10, "int4-g128": 0.11}
+
+
+def fro(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_weight_rounds_to_nearest(fmt):
+    from moela.ops.reference import quantize_weight, weight_format
+
+    w = randn(64, 256, dtype=torch.float32)
+    q = quantize_weight(w, weight_format(w.shape, fmt))
+    step = q.scales[:, None] if q.group_size is None else q.scales.repeat_interleave(q.group_size, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 * 1.0001).all()  # every value within half a step
+    assert fro(q.dequantize(), w) < QUANT_ERR[fmt]
+
+
+def test_weight_format_falls_back_where_int4_does_not_fit():
+    from moela.ops.reference import weight_format
+
+    assert weight_format((64, 192), "int4-g128") == "int4-g64"  # the largest group that divides 192
+    assert weight_format((64, 96), "int4-g64") == "int4-g32"
+    assert weight_format((64, 80), "int4-g32") == "int8"  # no group divides 80
+    assert weight_format((40, 256), "int4-g32") == "int8"  # int4 rows come in blocks of 16
+    assert weight_format((64, 256), "int4-g32") == "int4-g32" and weight_format((8, 8), "int8") == "int8"
+
+
+def quantized_backends() -> list:
+    """Backends that quantize and run bf16 on the CPU here (quantized weights take bf16 activations)."""
+    def why_not(name: str) -> str | None:
+        return ops.why_unavailable(name, CPU, torch.bfloat16) or (None if ops.quantizes(ops.load(name)) else "no quantized kernels")
+
+    return [pytest.param(name, marks=pytest.mark.skipif(why_not(name) is not None, reason=f"{name}: {why_not(name)}"))
+            for name in ops.BACKENDS]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", quantized_backends())
+def test_quantized_linear_matches_reference(name, fmt):
+    """Same codes as the reference, so only bf16 accumulation differs; against the float weight, the
+    quantization error bound. Rows cover the int kernels (1, 5) and the dequantized GEMM (300); shapes
+    cover int4 in whole 64-row blocks (what the GEMM path unpacks), each int4 fallback and
+    an input width torch's int8 kernel cannot take (40); inputs are views (as chunk gives)."""
+    backend = ops.load(name)
+    for rows in (1, 5, 300):
+        for out, inp in ((128, 256), (80, 192), (40, 96), (32, 40)):
+            x, w = randn(rows, 2 * inp, dtype=torch.bfloat16)[:, inp:], randn(out, inp, dtype=torch.bfloat16, seed=1) / 10
+            ours = backend.linear(x, backend.pack_linear(w, fmt))
+            ref = ops.REFERENCE.linear(x, ops.REFERENCE.pack_linear(w, fmt))
+            assert ours.dtype == torch.bfloat16 and ours.shape == (rows, out)
+            assert fro(ours, ref) < 1e-2, f"{name} {fmt} {rows}x{inp}->{out}"
+            assert fro(ours, F.linear(x.float(), w.float())) < QUANT_ERR[fmt] + 1e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", quantized_backends())
+def test_quantized_moe_matches_reference(name, fmt):
+    backend = ops.load(name)
+    x, weights, indices, w13, w2 = op_inputs("moe", torch.bfloat16)[0][0]
+    w13, w2 = torch.cat([w13, w13], dim=2), torch.cat([w2, w2], dim=1)  # d = 64, inter = 16: int4 fits
+    x = torch.cat([x, x], dim=1)
+    ours = backend.moe(x, weights, indices, *backend.pack_experts(w13, w2, fmt))
+    ref = ops.REFERENCE.moe(x, weights, indices, *ops.REFERENCE.pack_experts(w13, w2, fmt))
+    assert fro(ours, ref) < 1e-2
+    assert fro(ours, ops.REFERENCE.moe(x, weights, indices, w13, w2)) < 2 * QUANT_ERR[fmt]  # two quantized matmuls
+
+
+@cpu_only
+def test_cpu_packs_large_weights_in_row_blocks(monkeypatch):
+    """Packing a block of rows at a time gives the same layout as packing the whole weight at once."""
+    from moela.ops import cpu
+
+    w = randn(448, 128, dtype=torch.bfloat16)
+    for fmt in ("int8", "int4-g32"):
+        whole = cpu.pack_linear(w, fmt)
+        monkeypatch.setattr(cpu, "PACK_VALUES", 64 * 128)
+        blocks = cpu.pack_linear(w, fmt)
+        monkeypatch.undo()
+        for a, b in zip(vars(whole).values(), vars(blocks).values()):
+            assert a == b if isinstance(a, int) else torch.equal(a, b)

@@ -71,12 +71,13 @@ class ThreadServer:
 
     def __init__(self, path: Path, api_key: str | None = KEY, reasoning_parser: str | None = None,
                  cors_origins: tuple[str, ...] = (), max_body_bytes: int = 256 * 1024, max_queued_requests: int = 64,
-                 build=None, **engine_kwargs):
+                 build=None, tool_call_parser: str | None = None, **engine_kwargs):
         engine_kwargs = {"dtype": "float32", "max_model_len": MODEL_LEN, "block_size": 16, **engine_kwargs}
         cfg = EngineConfig(model=path, **engine_kwargs)
         self.worker = EngineWorker(build or (lambda: LLMEngine(cfg)), capacity=cfg.max_num_seqs + max_queued_requests)
         self.name = "tiny"
-        app = build_app(self.worker, ServerConfig(self.name, api_key, list(cors_origins), reasoning_parser, max_body_bytes))
+        app = build_app(self.worker, ServerConfig(self.name, api_key, list(cors_origins), reasoning_parser, max_body_bytes,
+                                                  tool_call_parser))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -10,6 +10,7 @@ import pytest
 from test_server import KEY, MODEL_LEN, ThreadServer, tiny_model
 
 C, H = "/v1/completions", "/v1/chat/completions"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
 BASE = {C: {"prompt": "hi", "max_tokens": 4}, H: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}}
 NAN, INF = float("nan"), float("inf")
 
@@ -40,7 +41,32 @@ CASES = [  # route, changes to the base body, status, param
     (H, {"chat_template_kwargs": {"thinking": True}}, 400, "chat_template_kwargs"),
     (H, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),  # the template's raise_exception
     (H, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
-    (H, {"tools": [{"type": "function"}]}, 400, "tools"), (H, {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    (H, {"tools": [{"type": "function"}]}, 400, "tools"),
+    (H, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}}, 400,
+     "response_format"), (H, {"response_format": {"type": "json_schema"}}, 400, "response_format"),
+    (H, {"response_format": {"type": "xml"}}, 400, "response_format"),
+    (H, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    (H, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    (H, {"tool_choice": "required"}, 400, "tool_choice"), (H, {"tools": [TOOL], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    (H, {"tools": [TOOL, TOOL]}, 400, "tools"), (H, {"tools": [{**TOOL, "function": {"name": "bad name!"}}]}, 400, "tools"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]}, 400, "tools"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, 400, "tools"),
+    (H, {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    (H, {"tools": [{**TOOL, "function": {**TOOL["function"], "strict": True}}], "guided_regex": "a+"}, 400, "tools"),
+    (C, {"guided_regex": "[a-"}, 400, "guided_regex"), (C, {"guided_choice": []}, 400, "guided_choice"),
+    (C, {"guided_json": "{not json"}, 400, "guided_json"), (H, {"guided_grammar": "start: ("}, 400, "guided_grammar"),
+    (C, {"guided_regex": "a", "guided_choice": ["b"]}, 400, "guided_choice"),
+    (C, {"response_format": {"type": "json_object"}, "guided_regex": "a"}, 400, "response_format"),
+    (C, {"logit_bias": {"320": 1}}, 400, "logit_bias"), (C, {"logit_bias": {"5": -101}}, 400, "logit_bias"),
+    (H, {"logit_bias": {"-5": 1}}, 400, "logit_bias"), (C, {"logit_bias": {"5": "x"}}, 400, "logit_bias"),
+    (C, {"suffix": "return x"}, 400, "suffix"), (C, {"best_of": 2}, 400, "best_of"), (C, {"max_tokens": 0}, 400, "max_tokens"),
+    (C, {"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (H, {"stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (H, {"functions": [{"name": "f"}]}, 400, "functions"), (H, {"modalities": ["text", "audio"]}, 400, "modalities"),
+    (C, {"use_beam_search": True}, 400, "use_beam_search"), (H, {"echo": True}, 400, "echo"),
+    (C, {"prompt": "\ud800"}, 400, "prompt"), (C, {"prompt": ["ok", "a\udfff"]}, 400, "prompt"),
+    (H, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
+    (H, {"messages": [{"role": "\ud800", "content": "hi"}]}, 400, "messages"), (C, {"stop": ["\ud800"]}, 400, "stop"),
     (C, {"model": "gpt-4"}, 404, "model"), (H, {"model": "TINY"}, 404, "model"),
 ]
 

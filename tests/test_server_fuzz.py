@@ -50,15 +50,28 @@ def knobs(**extra) -> st.SearchStrategy[dict]:
         "stream": st.booleans(), "ignore_eos": st.booleans(), "stream_options": st.just({"include_usage": True}), **extra})
 
 
+SCHEMAS = st.sampled_from([{"type": "object"}, {"type": "integer", "maximum": 9}, {"enum": ["a", "b"]}, {"type": "objectx"},
+                           {"type": "array", "maxItems": 2}, {"properties": 3}, "not a schema"])
+SURROGATES = st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max_size=2).map(lambda s: "a" + s)
+TOOLS = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "bad name"])}, optional={"parameters": SCHEMAS})}), max_size=2)
+CONSTRAINTS = {  # fields that turn on grammars, bias, tools, and strings no encoder takes
+    "response_format": st.one_of(st.just({"type": "json_object"}), SCHEMAS.map(
+        lambda s: {"type": "json_schema", "json_schema": {"name": "x", "schema": s}})),
+    "guided_regex": st.sampled_from(["[a-c]{1,3}", "(", "x*"]), "guided_choice": st.lists(st.text(max_size=3), max_size=3),
+    "logit_bias": st.dictionaries(st.sampled_from(["5", "319", "320", "-1", "x"]), st.floats(-150, 150), max_size=3),
+    "max_tokens": st.integers(0, 12), "user": SURROGATES}
 PROMPTS = st.one_of(st.text(min_size=1, max_size=30), st.lists(st.integers(0, 319), min_size=1, max_size=12),
-                    st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3))
+                    st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3), SURROGATES)
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
                                            "content": st.text(max_size=30)}), min_size=1, max_size=3)
 BODIES = st.one_of(
     st.tuples(st.just("/v1/completions"), st.fixed_dictionaries({"prompt": PROMPTS}).flatmap(
-        lambda base: knobs(echo=st.booleans(), logprobs=st.integers(0, 5)).map(lambda k: {**base, **k}))),
+        lambda base: knobs(echo=st.booleans(), logprobs=st.integers(0, 5), **CONSTRAINTS).map(lambda k: {**base, **k}))),
     st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries({"messages": MESSAGES}).flatmap(
-        lambda base: knobs(logprobs=st.booleans(), top_logprobs=st.integers(0, 5)).map(lambda k: {**base, **k}))))
+        lambda base: knobs(logprobs=st.booleans(), top_logprobs=st.integers(0, 5), tools=TOOLS, **CONSTRAINTS,
+                           tool_choice=st.sampled_from(["auto", "none", "required", {"type": "function", "function": {
+                               "name": "f"}}])).map(lambda k: {**base, **k}))))
 
 
 @given(BODIES)

@@ -23,6 +23,7 @@ from moela import ops, quantize, threads
 from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.graphs import graph_sizes
+from moela.engine.guided import Guides
 from moela.engine.onnx_runner import OnnxRunner, read_manifest
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.runner import Runner
@@ -49,8 +50,14 @@ class LLMEngine:
             self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
             dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
             self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True)
-            quantize.prepare(self.model, self.backend)
+            quant = cfg.quant_format
+            if quant and not ops.quantizes(self.backend):
+                raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
+                                             "quantized kernels (the cpu and reference backends have)")
+            hook = quantize.OnLoad(self.backend, quant) if quant else None
+            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True, hook=hook)
+            quantize.prepare(self.model, self.backend, quant)
+            log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
             specs = self.model.cache_specs()
         self.layout = layout = CacheLayout.fit(specs, dtype, cfg.block_size)
         if layout.block_size != cfg.block_size:
@@ -87,6 +94,8 @@ class LLMEngine:
             self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         tok_eos = {self.tokenizer.eos_token_id} - {None} if self.tokenizer else set()
         self.eos_ids = set(self.model_cfg.eos_token_ids) | tok_eos
+        self.guides = Guides(self.tokenizer.tok.to_str() if self.tokenizer else None, self.model_cfg.vocab_size,
+                             self.eos_ids, self.device)
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
@@ -108,10 +117,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id = {request_id!r} is already in use")
         req = Request(request_id, text, ids)
+        guides = self.guides.start(params, params.n)
         for i in range(params.n):
-            detok = self.tokenizer.stream() if self.tokenizer else None
+            detok = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer else None
             seq = Sequence(request_id, i, list(ids), len(ids), params, params.generator(i, self.device), detok,
-                           first_sibling=req.seqs[0] if i else None)
+                           first_sibling=req.seqs[0] if i else None, guide=guides[i])
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -182,6 +192,7 @@ class LLMEngine:
             if seq.num_output < seq.params.min_tokens:
                 stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
                 logits[row, sorted(t for t in stops if t < logits.shape[1])] = float("-inf")
+        logits = self.guides.apply(logits, [s.guide for s in seqs])
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [s.params.logprobs for s in seqs]
         if any(k is not None for k in want):  # to the host once: the chosen and the top logprobs of every row
@@ -191,7 +202,7 @@ class LLMEngine:
             if (k := want[row]) is not None:
                 seq.logprobs.append({token: chosen[row]} | dict(zip(top_ids[row][:k], top_lp[row][:k])))
             self.counters["generation_tokens"] += 1
-            postprocess(seq, token, self.eos_ids, self.max_model_len, now)
+            postprocess(seq, token, self.eos_ids, self.max_model_len, now, done=self.guides.accept(seq.guide, token))
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
 

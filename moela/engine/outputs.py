@@ -52,7 +52,8 @@ class RequestOutput:
     metrics: RequestMetrics
 
 
-def postprocess(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, now: float) -> None:
+def postprocess(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, now: float, done: bool = False) -> None:
+    """`done`: the sequence's grammar is complete, so it stops after this token (which it keeps)."""
     seq.token_ids.append(token)
     if seq.first_token_time is None:
         seq.first_token_time = now
@@ -67,6 +68,8 @@ def postprocess(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int
             if hits:
                 seq.text, reason, cut = seq.text[: min(hits)], "stop", True
     max_tokens = p.max_tokens or max_model_len
+    if reason is None and done:
+        reason = "stop"
     if reason is None and (seq.num_output >= max_tokens or len(seq.token_ids) >= max_model_len):
         reason = "length"
     if reason:

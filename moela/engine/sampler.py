@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moela.engine.guided import GuidedDecodingParams, check_logit_bias
+
 MAX_LOGPROBS = 20
 
 
@@ -35,6 +37,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token (needs the whole prompt computed)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    guided_decoding: GuidedDecodingParams | None = None  # a grammar the output must follow (engine/guided.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +81,9 @@ class SamplingParams:
             raise ValueError(f"stop = {self.stop!r} is invalid: must be at most 16 non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids = {self.stop_token_ids!r} is invalid: must be non-negative integers")
+        check_logit_bias(self.logit_bias)
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise ValueError(f"guided_decoding = {self.guided_decoding!r} is invalid: must be a GuidedDecodingParams")
 
     @property
     def greedy(self) -> bool:

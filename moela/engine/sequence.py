@@ -12,6 +12,7 @@ from enum import Enum
 
 import torch
 
+from moela.engine.guided import Guide
 from moela.engine.sampler import SamplingParams
 from moela.tokenizer import StreamDecoder
 
@@ -47,6 +48,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     first_sibling: "Sequence | None" = None  # for samples 1..n-1: sample 0, whose prefilled blocks they share
+    guide: Guide | None = None  # its grammar's state and logit bias, when it has either
 
     @property
     def output_ids(self) -> list[int]:

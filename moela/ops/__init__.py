@@ -16,7 +16,7 @@ for moela/export.py and is no engine backend.
 
 | op | what |
 |---|---|
-| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up) |
+| linear, pack_linear | x @ W^T; pack_linear puts W in the layout linear reads (once, at start-up), quantized if asked (backends that quantize: `quantizes`) |
 | pack_fp8 | an FP8 block-quantized checkpoint weight in the form pack_linear and pack_experts take |
 | rms_norm, add_rms_norm, rope | RMSNorm (HF's rounding), the same after a residual add, rotary embedding on the rope dims |
 | causal_attention | one prompt's causal attention on decompressed K/V (the naive MLA prefill) |
@@ -28,6 +28,7 @@ for moela/export.py and is no engine backend.
 """
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -96,6 +97,13 @@ def load_device(device: str) -> None:
             importlib.import_module(f"moela.ops.{name}")
         except ImportError as e:
             raise BackendUnavailable(f"device {device!r} needs its library: {e}") from None
+
+
+def quantizes(backend: Backend) -> bool:
+    """Whether the backend runs weight-only int8/int4 weights: its pack_linear and pack_experts take
+    `quantization`, and its linear and moe come from the same module as they (so read what they write)."""
+    pairs = ((backend.pack_linear, backend.linear), (backend.pack_experts, backend.moe))
+    return all("quantization" in inspect.signature(p).parameters and p.__module__ == f.__module__ for p, f in pairs)
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -77,9 +77,12 @@ def sparse_latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.
     return torch.einsum("thk,tkc->thc", probs, picked[..., :value_dim])
 
 
-def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor, quant: None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One tensor per expert (views): each becomes a weight of its own in the graph, which a matmul reads
-    where it lies (a gather from the stacked weights would copy it, or fold into a second copy)."""
+    where it lies (a gather from the stacked weights would copy it, or fold into a second copy). The
+    graphs hold float weights only."""
+    if quant is not None:
+        raise ValueError(f"exported graphs hold float weights, not {quant!r}")
     return list(w13.unbind(0)), list(w2.unbind(0))
 
 

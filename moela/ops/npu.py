@@ -44,8 +44,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     return torch_npu.npu_rotary_mul(h, full(cos), full(sin)).reshape(x.shape).to(x.dtype)
 
 
-def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, 2I, d], [E, d, I] -> [E, d, 2I], [E, I, d]: the grouped matmul's (in, out) layout, once at start-up."""
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor, quant: None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, 2I, d], [E, d, I] -> [E, d, 2I], [E, I, d]: the grouped matmul's (in, out) layout, once at start-up.
+    No quantized kernels here (so ops.quantizes is False and the engine never asks for them)."""
+    if quant is not None:
+        raise ValueError(f"the npu backend has no quantized experts ({quant!r})")
     return w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
 
 

@@ -11,17 +11,79 @@ Letters: T tokens, h heads, w latent width (c + r), c value width (kv_lora_rank)
 group, n queries per sequence, s keys per sequence, E experts, k experts per token.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+QUANT_FORMATS = {"int8": (8, None), "int4-g32": (4, 32), "int4-g64": (4, 64), "int4-g128": (4, 128)}  # name -> (bits, group)
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ weight [out, in]^T -> [T, out]."""
+
+@dataclass
+class QuantizedWeight:
+    """A [out, in] weight as integer codes, weight-only. int8: codes int8 [out, in], one scale per row,
+    w = code * scale. int4: codes 0..15 (uint8) [out, in], a scale and a minimum per row and group of
+    `group_size` inputs ([out, in / group_size]), w = code * scale + min. Scales and minimums are fp32."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+    group_size: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.group_size is None:
+            return (self.codes.float() * self.scales[:, None]).to(dtype)
+        out, inp = self.codes.shape
+        codes = self.codes.view(out, inp // self.group_size, self.group_size).float()  # [out, groups, group]
+        return (codes * self.scales[..., None] + self.mins[..., None]).view(out, inp).to(dtype)
+
+
+def weight_format(shape: tuple[int, int], fmt: str) -> str:
+    """The QUANT_FORMATS format a [out, in] weight takes when `fmt` is asked for. int4 needs a group that
+    divides `in` (the largest of the table up to fmt's: 192 inputs at group 128 take 64) and `out` in
+    multiples of 16 (torch's int4 CPU layout packs rows in blocks of 16); otherwise the weight takes
+    int8. Every backend applies this rule, so all hold the same codes."""
+    bits, group = QUANT_FORMATS[fmt]
+    out, inp = shape
+    if bits == 8 or out % 16:
+        return "int8"
+    fits = [g for g in (32, 64, 128) if g <= group and inp % g == 0]
+    return f"int4-g{fits[-1]}" if fits else "int8"
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """Round-to-nearest codes of a [out, in] weight: int8 symmetric per row, int4 asymmetric (min/max) per
+    group of inputs. `fmt` must fit the weight's input width (weight_format gives one that does)."""
+    bits, group = QUANT_FORMATS[fmt]
+    w = weight.detach().to(torch.float32, copy=True)  # the one temporary: every step below is in place
+    out, inp = w.shape
+    if bits == 8:
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+        return QuantizedWeight(w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales)
+    assert inp % group == 0, f"{fmt} does not fit {inp} inputs"
+    w = w.view(out, inp // group, group)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = w.sub_(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return QuantizedWeight(codes.view(out, inp), scales, lo, group)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> [T, out]; a quantized weight is dequantized first (the ground truth)."""
+    if isinstance(weight, QuantizedWeight):
+        return F.linear(x, weight.dequantize(x.dtype))
     return F.linear(x, weight)
 
 
-def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+def pack_linear(weight: torch.Tensor, quantization: str | None = None) -> torch.Tensor | QuantizedWeight:
+    """The layout linear reads: the weight itself, or its codes in a QUANT_FORMATS format."""
+    if quantization is None or isinstance(weight, QuantizedWeight):
+        return weight
+    return quantize_weight(weight, weight_format(weight.shape, quantization))
 
 
 def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -222,11 +284,14 @@ def _groups_plan(ctx, seqs: list[int], block_size: int | None) -> list[tuple]:
     return plan
 
 
-def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
-    return w13, w2
+def pack_experts(w13: torch.Tensor | list, w2: torch.Tensor | list, quantization: str | None = None) -> tuple:
+    """Stacked experts as they are, or (quantized) one packed weight per expert."""
+    if quantization is None and not isinstance(w13, list):
+        return w13, w2
+    return [pack_linear(w, quantization) for w in w13], [pack_linear(w, quantization) for w in w2]
 
 
-def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor | list, w2: torch.Tensor | list,
         limit: float | None = None) -> torch.Tensor:
     """Routed experts: sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) -> [T, d].
 
@@ -234,9 +299,10 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torc
     each expert is swiglu(x w13, limit) w2.
     The T*k (token, expert) pairs are sorted by expert and run as one grouped matmul per projection,
     with per-expert offsets computed on the device. Off the CPU, torch's grouped matmul takes bf16
-    only; other dtypes there take expert_loop, which reads the per-expert counts on the host.
+    only; other dtypes there, and experts packed one by one (quantized), take expert_loop, which reads
+    the per-expert counts on the host.
     """
-    if x.device.type != "cpu" and x.dtype != torch.bfloat16:
+    if isinstance(w13, list) or (x.device.type != "cpu" and x.dtype != torch.bfloat16):
         return expert_loop(x, weights, indices, w13, w2, linear, limit)
     k = indices.shape[1]
     flat = indices.flatten()
@@ -266,13 +332,12 @@ def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     order = indices.flatten().argsort(stable=True)  # [T*k] (token, expert) pairs sorted by expert
     counts = torch.bincount(indices.flatten(), minlength=len(w13)).tolist()
     xs = x[order // k]
-    ys = torch.empty_like(xs)
-    start = 0
+    ys, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            ys[start : start + n] = linear_op(swiglu(linear_op(xs[start : start + n], w13[e]), limit), w2[e])
+            ys.append(linear_op(swiglu(linear_op(xs[start : start + n], w13[e]), limit), w2[e]))
             start += n
-    return combine(ys, order, weights)
+    return combine(torch.cat(ys), order, weights)
 
 
 def combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ forces it, also on an Ascend "npu" with triton-ascend, where it has never been r
 | rms_norm, add_rms_norm | up to 16 rows per program; the residual add fused into the norm |
 | rope | 64 (token, head) rows per program |
 | latent_attention | absorbed MLA over the paged latent cache: every absorbed query token (decodes and chunks, any lengths, any block size) in one launch, keys split into slices whose partial softmaxes a second kernel merges |
+| sparse_latent_attention | V3.2's absorbed MLA over the indexer's top-k picks: one program per (token, 16 heads), the picked rows gathered through the block table, online softmax |
 | causal_attention | flash attention, causal (the naive MLA prefill of a prompt) |
 | moe | (token, expert) pairs sorted by expert on the device; one grouped GEMM for gate/up with SiLU*up fused, one for down with the routing weights applied |
 | pack_fp8, linear | FP8 e4m3 weights with block scales kept as they are; linear quantizes activations per 1 x block and runs an FP8 GEMM |
@@ -182,6 +183,27 @@ def paged_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: 
     if splits > 1:
         kernels.merge_splits_kernel[(n * H,)](part_o, part_lse, tokens, out, H, C, SPLITS=splits,
                                               BLOCK_C=triton.next_power_of_2(C))
+    return out
+
+
+def sparse_latent_attention(q: torch.Tensor, cache: torch.Tensor | None, latent: torch.Tensor, indices: torch.Tensor,
+                            ctx, scale: float, value_dim: int) -> torch.Tensor:
+    """V3.2's absorbed MLA over the indexer's picks indices [T, k]: one launch for every token of the step."""
+    T, H, W = q.shape
+    out = q.new_empty(T, H, value_dim)
+    if T == 0:
+        return out
+    indices = indices.contiguous()
+    if cache is None:  # picks are positions among the sequence's own new tokens, rows of `latent`
+        keys, tables, owner, block_size = latent, indices, ctx.token_starts(), 1
+    else:
+        keys, tables, owner, block_size = cache.view(-1, W), ctx.block_tables, ctx.token_seqs(), cache.shape[1]
+    block_m, block_c = 16, max(triton.next_power_of_2(value_dim), 16)
+    kernels.sparse_latent_attention_kernel[(T, triton.cdiv(H, block_m))](
+        q, keys, tables, owner, indices, out, q.stride(0), q.stride(1), tables.stride(0), keys.stride(0),
+        indices.stride(0), H, value_dim, W - value_dim, indices.shape[1], scale, block_size, PAGED=cache is not None,
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_C=block_c, BLOCK_R=max(triton.next_power_of_2(W - value_dim), 16),
+        num_warps=8 if block_c >= 256 else 4)
     return out
 
 

@@ -151,6 +151,50 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
 
 
 @triton.jit
+def sparse_latent_attention_kernel(q, keys, tables, owner, indices, out, stride_qt, stride_qh, stride_tb, stride_k,
+                                   stride_i, H, C, R, K, scale, block_size, PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One query token, BLOCK_M of its heads, over the K latent positions its indexer picked (indices [T, K],
+    -1 = none). owner [T]: the token's block-table row (PAGED) or the first row of its sequence in the step's
+    own latents. The keys are gathered row by row, so the cost follows K, not the context."""
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c, r = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
+    q_row = q + t * stride_qt + heads[:, None] * stride_qh
+    qc = tl.load(q_row + c[None, :], mask=(heads[:, None] < H) & (c[None, :] < C), other=0.0)
+    qr = tl.load(q_row + C + r[None, :], mask=(heads[:, None] < H) & (r[None, :] < R), other=0.0)
+    base = tl.load(owner + t).to(tl.int64)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for n0 in range(0, K, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(indices + t * stride_i + n, mask=n < K, other=-1).to(tl.int64)
+        ok = pos >= 0
+        pos = tl.maximum(pos, 0)
+        if PAGED:
+            block = tl.load(tables + base * stride_tb + pos // block_size, mask=ok, other=0).to(tl.int64)
+            row = block * block_size + pos % block_size
+        else:
+            row = base + pos
+        k_row = keys + row[:, None] * stride_k
+        kc = tl.load(k_row + c[None, :], mask=ok[:, None] & (c[None, :] < C), other=0.0)
+        kr = tl.load(k_row + C + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)
+        s = _dot(qr, tl.trans(kr), _dot(qc, tl.trans(kc), tl.zeros([BLOCK_M, BLOCK_N], tl.float32))) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid pick yet: nothing to rescale
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(kc.dtype), kc, acc * alpha[:, None])
+        m = m_new
+    l = tl.where(l == 0.0, 1.0, l)  # a query with no picks at all: zeros
+    tl.store(out + (t * H + heads)[:, None] * C + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
+             mask=(heads[:, None] < H) & (c[None, :] < C))
+
+
+@triton.jit
 def merge_splits_kernel(part_o, part_lse, tokens, out, H, C, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
     """One (absorbed token, head): the softmax-weighted sum of its slices' partial outputs, one slice at a time."""
     row = tl.program_id(0).to(tl.int64)  # absorbed token * H + head

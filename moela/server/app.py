@@ -5,7 +5,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)      # `moela serve` does this (moela/server/cli.py)
 
 Routes: GET /health (503 until a warm-up forward has run), GET /metrics (Prometheus), GET
-/v1/models, POST /v1/completions, POST /v1/chat/completions. Every error is OpenAI's body
+/v1/models and /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions. Every error is OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`; a body that fails validation is a 400 naming the
 field (never FastAPI's 422).
 """
@@ -28,6 +28,7 @@ from moela.server.endpoints import Serving, as_api_error
 from moela.server.metrics import CONTENT_TYPE
 from moela.server.middleware import RequestGate
 from moela.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from moela.server.tools import FORMATS
 from moela.server.worker import EngineWorker, WorkerError
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     reasoning_parser: str | None = None
     max_body_bytes: int = 8 * 2**20
+    tool_call_parser: str | None = None  # None: the format the model's type and chat template use
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser = {self.reasoning_parser!r} is invalid: "
                              f"must be one of {REASONING_PARSERS}")
+        if self.tool_call_parser not in (None, *FORMATS):
+            raise ValueError(f"tool_call_parser = {self.tool_call_parser!r} is invalid: must be one of {tuple(FORMATS)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty")
 
@@ -60,7 +64,7 @@ def build_app(worker: EngineWorker, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="moela", summary="OpenAI-compatible server for DeepSeek-family models", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     _add_error_handlers(app)
-    _add_routes(app, worker, Serving(worker, cfg.model_name, cfg.reasoning_parser == "deepseek_r1"))
+    _add_routes(app, worker, Serving(worker, cfg.model_name, cfg.reasoning_parser == "deepseek_r1", cfg.tool_call_parser))
     app.add_middleware(RequestGate, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     if cfg.cors_origins:  # outermost, so preflights are answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
@@ -77,11 +81,18 @@ def _add_routes(app: FastAPI, worker: EngineWorker, serving: Serving) -> None:
     async def metrics() -> Response:
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
 
+    def card() -> dict:
+        return {"id": serving.model_name, "object": "model", "created": int(time.time()), "owned_by": "moela",
+                "max_model_len": worker.engine.max_model_len if worker.engine else None}
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {"id": serving.model_name, "object": "model", "created": int(time.time()), "owned_by": "moela",
-                "max_model_len": worker.engine.max_model_len if worker.engine else None}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        serving.check_model(model_id)
+        return JSONResponse(card())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -112,8 +123,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return await api_error(request, ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
+        log.exception("request failed")  # the connection is closed after this answer: say so
+        error = ApiError(500, f"internal error: {type(e).__name__}", type="server_error", headers={"Connection": "close"})
+        return await api_error(request, error)
 
 
 def validation_error(e: RequestValidationError) -> ApiError:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from moela.config import DTYPES, HelpFormatter, add_engine_args
 from moela.server.app import REASONING_PARSERS, ServerConfig, build_app
+from moela.server.tools import FORMATS
 from moela.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS (none by default)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="put <think>...</think> into reasoning_content")
+    p.add_argument("--tool-call-parser", choices=tuple(FORMATS), default=None,
+                   help="DeepSeek tool-call format of the model (default: from its model_type and chat template)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, accepted so its command lines work: tool calls are parsed whenever a request has tools")
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -123,7 +128,7 @@ def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")
     cfg = ServerConfig(model_name=served_name(args), api_key=args.api_key,
                        cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser,
-                       max_body_bytes=args.max_body_bytes)
+                       max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser)
     worker = EngineWorker(lambda: LLMEngine(engine_cfg), capacity=args.max_num_seqs + args.max_queued_requests)
     return worker, build_app(worker, cfg)
 

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from moela.engine.outputs import CompletionOutput, RequestOutput
 from moela.server.protocol import ApiError, SamplingRequest
+from moela.server.tools import FORMATS, ToolFormat, detect_format
 from moela.server.worker import EngineWorker, Job, NotReady, OverCapacity, QueueFull, Rejected, WorkerError
 from moela.tokenizer import Tokenizer
 
@@ -33,10 +35,30 @@ class Serving:
     worker: EngineWorker
     model_name: str
     reasoning: bool  # split <think>...</think> into reasoning_content (deepseek_r1)
+    tool_call_parser: str | None = None  # the tool-call format; None: the one the model's type and template use
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.worker.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.worker.engine.model_cfg.vocab_size
+
+    @cached_property
+    def tool_format(self) -> ToolFormat:
+        if self.tool_call_parser is not None:
+            return FORMATS[self.tool_call_parser]
+        return detect_format(self.worker.engine.model_cfg.model_type, self.tokenizer.chat_template)
+
+    @cached_property
+    def added_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.tokenizer.tok.get_added_tokens_decoder().items()}
+
+    def token(self, text: str) -> str:
+        """`text` in a Lark grammar: its added (special) token when the vocabulary has one, else a literal."""
+        i = self.added_tokens.get(text)
+        return f"<[{i}]>" if i is not None else json.dumps(text)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -101,9 +123,10 @@ async def respond(serving: "Serving", request: Request, req: SamplingRequest, nu
 
 
 async def event_stream(job: Job, req: SamplingRequest, head: dict, choices: Callable[[int, RequestOutput], Iterable[dict]],
-                       opening: Iterable[dict] = ()) -> AsyncIterator[str]:
+                       opening: Iterable[dict] = (), count_output: bool = True) -> AsyncIterator[str]:
     """One SSE event per choice chunk of each output (after the `opening` ones), the usage event when asked
-    for, an error event if the request fails midway, then [DONE]."""
+    for (`count_output`: False when the generated tokens are not returned), an error event if the request
+    fails midway, then [DONE]."""
     finals: dict[int, RequestOutput] = {}
     try:
         for choice in opening:
@@ -114,7 +137,7 @@ async def event_stream(job: Job, req: SamplingRequest, head: dict, choices: Call
             if out.finished:
                 finals[i] = out
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(finals)})
+            yield sse({**head, "choices": [], "usage": usage_of(finals, count_output)})
     except Exception as e:
         yield error_event(e)
     yield DONE
@@ -125,9 +148,9 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def usage_of(finals: dict[int, RequestOutput]) -> dict[str, Any]:
+def usage_of(finals: dict[int, RequestOutput], count_output: bool = True) -> dict[str, Any]:
     return usage(sum(len(out.prompt_token_ids) for out in finals.values()),
-                 sum(len(o.token_ids) for out in finals.values() for o in out.outputs),
+                 sum(len(o.token_ids) for out in finals.values() for o in out.outputs) if count_output else 0,
                  sum(out.num_cached_tokens for out in finals.values()))
 
 

@@ -11,6 +11,8 @@ The same state machine serves streamed and whole responses, so both split identi
 across two deltas is held back until it is known whether it is a tag.
 """
 
+from collections.abc import Callable
+
 START, END = "<think>", "</think>"
 
 
@@ -48,3 +50,10 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+def think_rules(token: Callable[[str], str]) -> list[str]:
+    """Lark rules of a grammar's `think` part: any text, then </think> (`token` writes the tag: its special
+    token, which text cannot contain, or a literal, which the text then ends at the first time it appears)."""
+    end = token(END)
+    return [f"think{'' if end.startswith('<[') else '[lazy]'}: THINK_TEXT {end}", r"THINK_TEXT: /(.|\n)*/"]
