@@ -1,10 +1,12 @@
-"""The `moela` command: generate | bench | cost | train | serve | plan-experts.
+"""The `moela` command: generate | serve | bench | cost | train | plan-experts | export | convert.
 
     moela generate "def fibonacci(n):"                   # the embedded default model
     moela generate --model DIR --chat --max-tokens 64 "Hello"
     moela cost deepseek-v3 --hardware h100               # see moela/cost/cli.py
     moela train ...                                      # see moela/train/cli.py
     moela bench --shape bench-1b                         # see moela/bench.py
+    moela export onnx DIR OUT                            # see moela/export.py
+    moela convert --to mindformers SRC DST               # see moela/convert.py
 
 Bad input (a missing path, an unsupported model, a corrupt checkpoint) prints one line and exits 1.
 """
@@ -40,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "plan-experts":
         from moela.placement_cli import main as plan_main
         return plan_main(argv[1:])
+    if argv and argv[0] == "export":
+        from moela.export import main as export_main
+        return export_main(argv[1:])
+    if argv and argv[0] == "convert":
+        from moela.convert import main as convert_main
+        return convert_main(argv[1:])
     if argv and argv[0] == "serve":
         from moela.server.cli import main as serve_main
         return serve_main(argv[1:])
@@ -64,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="OpenAI-compatible server (moela serve --help)")
     sub.add_parser("bench", help="throughput vs transformers and the bandwidth roofline (moela bench --help)")
     sub.add_parser("plan-experts", help="expert placement for expert parallelism from recorded load (moela plan-experts --help)")
+    sub.add_parser("export", help="ONNX graphs for ONNX Runtime (moela export onnx --help)")
+    sub.add_parser("convert", help="checkpoints between HF and mindformers names (moela convert --help)")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed as it decodes",
                          formatter_class=HelpFormatter)
     gen.add_argument("prompt", help="the text to continue (or, with --chat, the user's message)")

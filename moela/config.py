@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from moela.errors import ConfigError
-from moela.ops import BACKENDS
+from moela.ops import BACKENDS, load_device
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"  # the embedded default model
+RUNTIMES = ("torch", "onnx")  # torch: moela's model and backends; onnx: graphs from `moela export onnx` on ONNX Runtime
+PROVIDERS = ("cpu", "cuda", "cann")  # ONNX Runtime's execution providers that runtime "onnx" takes
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "deepseek_v4")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -448,7 +450,7 @@ class SpeculativeConfig:
 class EngineConfig:
     model: str | Path | None = None  # None: the embedded default model
     dtype: str = "bfloat16"  # a key of DTYPES
-    device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", ...)
+    device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", "npu" with torch_npu, ...)
     backend: str = "auto"  # "auto": the fastest backend for the device and dtype; or a name in moela.ops.BACKENDS
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_memory: int | str | None = None  # bytes ("4GiB" works); default: max_num_seqs full contexts, <= 1/4 of memory
@@ -463,6 +465,8 @@ class EngineConfig:
     expert_parallel_size: int | None = None  # expert groups (default: every rank with enable_expert_parallel, else 1)
     expert_placement: str | Path | None = None  # a plan from `moela plan-experts` (default: experts in order)
     distributed_timeout: float = 600.0  # seconds a collective waits for a stalled rank before failing
+    runtime: str = "torch"  # "onnx": model is a `moela export onnx` directory, run by ONNX Runtime (dtype is the graphs')
+    provider: str = "cpu"  # runtime "onnx": ONNX Runtime's execution provider (cpu, cuda, cann)
     cuda_graphs: bool = False  # replay decode steps from CUDA graphs captured at start-up (moela/engine/graphs.py)
     quantization: str | None = None  # weight-only: a key of QUANTIZATIONS ("int8", "int4", ...); None: the model dtype
     speculative_config: SpeculativeConfig | dict | str | None = None  # e.g. {"method": "mtp", "num_speculative_tokens": 2}
@@ -478,10 +482,12 @@ class EngineConfig:
             raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization = {self.quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATIONS)}")
+        self._check_runtime()
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size = {self.block_size!r} is invalid: must be an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len = {self.max_model_len!r} is invalid: must be an integer >= 2")
+        load_device(self.device)  # "npu": torch_npu registers the device type
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -493,6 +499,24 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+    def _check_runtime(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime = {self.runtime!r} is invalid: must be one of {', '.join(RUNTIMES)}")
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider = {self.provider!r} is invalid: must be one of {', '.join(PROVIDERS)}")
+        if self.provider != "cpu" and self.runtime != "onnx":
+            raise ValueError(f"provider = {self.provider!r} applies to runtime 'onnx' only (torch runs on device=...)")
+        if self.runtime == "torch":
+            return
+        if self.quantization is not None:
+            raise ValueError(f"quantization = {self.quantization!r} applies to runtime 'torch' only (export the graphs "
+                             f"in float16 instead)")
+        torch_only = {"cuda_graphs": self.cuda_graphs, "speculative_config": self.speculative_config,
+                      "tensor_parallel_size": self.tensor_parallel_size > 1}
+        for name, used in torch_only.items():
+            if used:
+                raise ValueError(f"{name} applies to runtime 'torch' only, not runtime = {self.runtime!r}")
 
     def _check_parallel(self) -> None:
         n, ep = self.tensor_parallel_size, self.expert_parallel_size
@@ -536,9 +560,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The EngineConfig flags every command that runs the engine shares."""
-    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1, npu (torch_npu), ...")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="kernels: auto picks the fastest for the device and dtype")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="onnx: run a `moela export onnx` directory on ONNX Runtime (the graphs' dtype)")
+    parser.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime's execution provider (--runtime onnx)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs captured at start-up (CUDA devices)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
@@ -561,7 +588,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_args(args: argparse.Namespace) -> dict:
     """The EngineConfig fields of add_engine_args' flags (and --threads), as parsed."""
     return {"device": args.device, "backend": args.backend, "cuda_graphs": args.cuda_graphs, "threads": args.threads,
-            "quantization": args.quantization, "speculative_config": args.speculative_config,
+            "runtime": args.runtime, "provider": args.provider, "quantization": args.quantization,
+            "speculative_config": args.speculative_config,
             "tensor_parallel_size": args.tensor_parallel_size, "enable_expert_parallel": args.enable_expert_parallel,
             "expert_parallel_size": args.expert_parallel_size, "expert_placement": args.expert_placement}
 

@@ -22,6 +22,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from moela.errors import TokenizerError
 
+# What a model directory keeps beside its weights for its tokenizer (what export and convert copy along).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
 
 def _token_str(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value

@@ -50,15 +50,15 @@ def test_readme_opens_with_the_two_setup_commands():
 
 
 def parse(argv: list[str]) -> None:
-    from moela import bench, cli
-    from moela import placement_cli
+    from moela import bench, cli, convert, export, placement_cli
     from moela.cost import cli as cost_cli
     from moela.server import cli as serve_cli
     from moela.train import cli as train_cli
 
     command, rest = argv[0], argv[1:]
     parsers = {"serve": serve_cli.parse_args, "train": train_cli.parse_args, "cost": cost_cli._parser().parse_args,
-               "bench": bench.parser().parse_args, "plan-experts": placement_cli.parse_args}
+               "bench": bench.parser().parse_args, "plan-experts": placement_cli.parse_args, "export": export.parse_args,
+               "convert": convert.parse_args}
     (parsers[command] if command in parsers else cli.parser().parse_args)(rest if command in parsers else argv)
 
 

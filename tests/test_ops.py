@@ -6,6 +6,7 @@ A backend whose library is absent, or that cannot run on this machine or dtype, 
 reason in the skip message (pytest -rs shows them)."""
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -214,6 +215,86 @@ def test_expert_loop_equals_the_grouped_matmul():
 
     for args, _ in op_inputs("moe", torch.float32):
         assert rel_err(expert_loop(*args[:5], linear, *args[5:]), moe(*args)) < 1e-6
+
+
+def padded_step(ctx: StepContext) -> tuple[list[int], Callable, StepContext, Callable]:
+    """The packed step ctx as moela/ops/export.py runs it: (the padded rows of the packed ones, pad: packed
+    rows -> padded, the padded context, stored: a cache with the step's new rows written at their slots)."""
+    S = max(ctx.q_lens)
+    real = [b * S + j for b, n in enumerate(ctx.q_lens) for j in range(n)]
+    pad = lambda t: t.new_zeros(len(ctx.q_lens) * S, *t.shape[1:]).index_copy_(0, torch.tensor(real), t)  # noqa: E731
+    positions = torch.tensor([[kv - n + j for j in range(S)] for n, kv in zip(ctx.q_lens, ctx.kv_lens)])
+    slots = torch.tensor([int(ctx.block_tables[b, p // 4]) * 4 + p % 4 for b, (n, kv) in enumerate(zip(ctx.q_lens, ctx.kv_lens))
+                          for p in range(kv - n, kv)])
+
+    def stored(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = cache.clone()
+        ops.REFERENCE.store_latent(out, slots, rows)
+        return out
+
+    return real, pad, StepContext.padded(positions, ctx.block_tables, 4), stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_export_ops_match_the_reference(dtype):
+    """moela/ops/export.py (export only, not an engine backend): attention on a padded step, which reads
+    the cache only before each sequence's new rows, against the reference on the same step packed with
+    those rows stored; the routed experts as the reference runs them."""
+    from moela.ops import export
+
+    ctx = paged_context()
+    real, pad, padded, stored = padded_step(ctx)
+    (q, cache, latent, *_), _ = op_inputs("latent_attention", dtype)[0]
+    ref = run_op(ops.REFERENCE, "latent_attention", (q, stored(cache, latent), latent, ctx, 0.2, 16))
+    ours = export.latent_attention(pad(q), cache, pad(latent), padded, 0.2, 16)
+    assert ours.dtype == ref.dtype and rel_err(ours[real], ref) < TOL[dtype]
+    for args, _ in op_inputs("moe", dtype):  # with and without V4's clamped SwiGLU
+        assert rel_err(export.moe(*args[:3], *export.pack_experts(*args[3:5]), *args[5:]), ops.REFERENCE.moe(*args)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_export_indexer_and_sparse_attention_match_the_reference(dtype):
+    """V3.2's ops in moela/ops/export.py pick the reference's keys (as sets: their picks index the step's
+    rows, cached then new, where the reference's are positions), and attend them as it does."""
+    from moela.ops import export
+
+    ctx = paged_context()
+    real, pad, padded, stored = padded_step(ctx)
+    (q, weights, cache, keys, _, _, scale), _ = op_inputs("indexer_topk", dtype)[0]
+    t = ctx.block_tables.shape[1] * 4  # cached rows ahead of the new ones in each sequence's step rows
+    starts = padded.positions.view(len(ctx.q_lens), -1)[:, 0].repeat_interleave(max(ctx.q_lens))  # [B*S]
+    for topk in (3, 8):  # 8: some queries see fewer keys
+        ref = run_op(ops.REFERENCE, "indexer_topk", (q, weights, stored(cache, keys), keys, ctx, topk, scale))
+        picks = export.indexer_topk(pad(q), pad(weights), cache, pad(keys), padded, topk, scale)
+        as_positions = torch.where(picks < t, picks, picks - t + starts[:, None]).masked_fill(picks < 0, -1)
+        assert [sorted(row) for row in as_positions[real].tolist()] == [sorted(row) for row in ref.tolist()]
+    assert (ref < 0).any() and (ref >= 0).sum(1).max() == topk  # short rows and full ones
+
+    latent_cache, latent = randn(10, 4, 20, dtype=dtype, seed=5), randn(6, 20, dtype=dtype, seed=6)
+    q = randn(6, 3, 20, dtype=dtype, seed=7)
+    want = run_op(ops.REFERENCE, "sparse_latent_attention", (q, stored(latent_cache, latent), latent, ref, ctx, 0.2, 16))
+    ours = export.sparse_latent_attention(pad(q), latent_cache, pad(latent), picks, padded, 0.2, 16)
+    assert ours.dtype == want.dtype and rel_err(ours[real], want) < TOL[dtype]
+
+
+def npu_unavailable() -> str | None:
+    try:
+        ops.load_device("npu")  # torch_npu registers the device type
+    except ops.BackendUnavailable as e:
+        return str(e)
+    return ops.why_unavailable("npu", torch.device("npu"), torch.bfloat16)
+
+
+@pytest.mark.skipif(npu_unavailable() is not None, reason=f"npu backend: {npu_unavailable()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_npu_ops_on_an_npu_match_the_reference_on_the_cpu(dtype):
+    """The ops test above runs on the CPU, where the npu backend skips; this one runs where an NPU is."""
+    npu = ops.select("npu", torch.device("npu"), dtype)
+    move = lambda v: v.to("npu") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    for op in ("rms_norm", "rope", "moe"):
+        for args, _ in op_inputs(op, dtype):
+            ours, ref = run_op(npu, op, tuple(move(a) for a in args)).cpu(), run_op(ops.REFERENCE, op, args)
+            assert ours.dtype == ref.dtype and rel_err(ours, ref) < TOL[dtype], op
 
 
 # ---- weight-only quantization: codes against the float weight, every backend against the reference ----

@@ -24,6 +24,7 @@ from moela.config import EngineConfig, ModelConfig, model_dir
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.graphs import graph_sizes
 from moela.engine.guided import Guides
+from moela.engine.onnx_runner import OnnxRunner, read_manifest
 from moela.engine.outputs import RequestOutput, make_output, postprocess
 from moela.engine.ranks import Ranks, follow_forever, is_follower
 from moela.engine.runner import Runner
@@ -48,24 +49,28 @@ class LLMEngine:
         self.model_cfg = model.cfg if model is not None else ModelConfig.from_pretrained(path)
         self.max_model_len = cfg.check_model(self.model_cfg)
         self.tokenizer = None if cfg.skip_tokenizer_init else tokenizer or Tokenizer.from_pretrained(path)
-        self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
-        dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
-        self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
-        quant = cfg.quant_format
-        if quant and not ops.quantizes(self.backend):
-            raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
-                                         "quantized kernels (the cpu and reference backends have)")
-        hook = quantize.OnLoad(self.backend, quant) if quant else None
-        shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
-        self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True,
-                                         hook=hook, shard=shard)
-        quantize.prepare(self.model, self.backend, quant)
-        if shard:
-            shard.bind(self.model)
-        log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
-        spec = cfg.speculative_config
-        self.speculator = Speculator(spec, self.model, path, self.backend) if spec else None
-        specs = self.model.cache_specs() + (self.speculator.cache_specs() if self.speculator else [])
+        if cfg.runtime == "onnx":  # graphs from `moela export onnx`: no torch model; sampling on the host
+            self.device, self.backend, self.model, self.speculator = torch.device("cpu"), None, None, None
+            specs, dtype = read_manifest(path)
+        else:
+            self.device = model.embed.weight.device if model is not None else torch.device(cfg.device)
+            dtype = model.embed.weight.dtype if model is not None else cfg.torch_dtype
+            self.backend = ops.select(cfg.backend, self.device, dtype)  # before loading: one that cannot run here fails fast
+            quant = cfg.quant_format
+            if quant and not ops.quantizes(self.backend):
+                raise ops.BackendUnavailable(f"quantization = {cfg.quantization!r}: backend {self.backend.name!r} has no "
+                                             "quantized kernels (the cpu and reference backends have)")
+            hook = quantize.OnLoad(self.backend, quant) if quant else None
+            shard = self.ranks.shard(cfg, self.model_cfg) if self.ranks else None
+            self.model = model or load_model(path, dtype=dtype, device=self.device, cfg=self.model_cfg, keep_fp8=True,
+                                             hook=hook, shard=shard)
+            quantize.prepare(self.model, self.backend, quant)
+            if shard:
+                shard.bind(self.model)
+            log.info("weights: %.1f MiB (%s)", quantize.weight_bytes(self.model) / 2**20, quant or str(dtype).removeprefix("torch."))
+            spec = cfg.speculative_config
+            self.speculator = Speculator(spec, self.model, path, self.backend) if spec else None
+            specs = self.model.cache_specs() + (self.speculator.cache_specs() if self.speculator else [])
         self.layout = layout = CacheLayout.fit(specs, dtype, cfg.block_size)
         if layout.block_size != cfg.block_size:
             log.info("block_size %d -> %d: this model's compressed caches keep one entry per %d tokens", cfg.block_size,
@@ -81,8 +86,15 @@ class LLMEngine:
                              f"({layout.bytes_per_block} bytes each, after {num_slots} sequences' fixed "
                              f"{layout.fixed_bytes_per_sequence} bytes)")
         self.max_cached_tokens = num_blocks * layout.block_size
-        log.info("backend %s on %s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", self.backend.name,
-                 self.device, num_blocks, layout.block_size, self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
+        graphs = cfg.cuda_graphs and not num_slots and self.speculator is None
+        if cfg.runtime == "onnx":
+            self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider)
+            running = f"ONNX Runtime ({self.runner.provider}, {str(dtype).removeprefix('torch.')})"
+        else:
+            self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
+            running = f"backend {self.backend.name} on {self.device}"
+        log.info("%s; KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)%s", running, num_blocks, layout.block_size,
+                 self.max_cached_tokens, num_blocks * layout.bytes_per_block / 2**20,
                  "".join(f"\n  {line}" for line in layout.describe()))
         prefix_caching = cfg.enable_prefix_caching and not num_slots
         if cfg.enable_prefix_caching and not prefix_caching:
@@ -90,11 +102,9 @@ class LLMEngine:
                      ", ".join(sorted({s.kind for s in layout.all_specs() if not s.paged})))
         self.blocks = BlockManager(num_blocks, layout.block_size, prefix_caching, num_slots)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        graphs = cfg.cuda_graphs and not num_slots and self.speculator is None
         if cfg.cuda_graphs and not graphs:
             log.info("CUDA graphs are off: %s", "speculative steps run eagerly" if self.speculator else
                      "this model keeps per-sequence state that padding rows would need too")
-        self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block
         if graphs:
             self.runner.capture_graphs(graph_sizes(cfg.max_num_seqs), math.ceil(self.max_model_len / cfg.block_size), num_blocks)
         if self.speculator:
@@ -242,6 +252,8 @@ class LLMEngine:
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since start-up, per MoE layer."""
+        if self.model is None:  # ONNX graphs keep no counters
+            return {}
         return {i: layer.ffn.experts.load.tolist() for i, layer in enumerate(self.model.layers) if hasattr(layer.ffn, "experts")}
 
     def close(self) -> None:

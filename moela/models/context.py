@@ -72,6 +72,14 @@ class StepContext:
         positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
         return cls(positions=positions, q_lens=list(seq_lens), kv_lens=list(seq_lens))
 
+    @classmethod
+    def padded(cls, positions: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> "StepContext":
+        """A traced graph's step: B sequences of S new rows each (positions [B, S], flattened here), every
+        one reading the cache, which holds what came before positions[:, 0]. The lengths live only in the
+        tensors (q_lens and kv_lens stay empty), so only ops that read them run it: moela/ops/export.py."""
+        return cls(positions=positions.flatten(), q_lens=[], kv_lens=[], block_tables=block_tables,
+                   block_size=block_size, naive_prefill=False)
+
     def split(self) -> tuple[list[int], list[int]]:
         """(naive, absorbed) sequence indices: a prompt with nothing cached before it (and more than one
         token) attends its own tokens with K/V decompressed; every other sequence reads the latent cache."""

@@ -87,13 +87,17 @@ class MLA(OpsModule):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """wkv_b split per head into contiguous w_uk [h, d, c] and w_uv^T [h, c, v], rebuilt if wkv_b changes."""
         w = self.wkv_b.weight
+        if torch.compiler.is_compiling():  # traced (torch.export): the split is part of the graph
+            return self._split_wkv_b(w)
         key = (w.data_ptr(), w._version)
         if getattr(self, "_absorbed_key", None) != key:
-            wkv_b = w.detach().view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + v, c]
-            self._w_uk = wkv_b[:, : self.qk_nope_head_dim].contiguous()
-            self._w_uv_t = wkv_b[:, self.qk_nope_head_dim :].transpose(1, 2).contiguous()
+            self._w_uk, self._w_uv_t = (t.contiguous() for t in self._split_wkv_b(w.detach()))
             self._absorbed_key = key
         return self._w_uk, self._w_uv_t
+
+    def _split_wkv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wkv_b = w.view(self.n_heads, -1, self.kv_lora_rank)  # [h, d + v, c]
+        return wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :].transpose(1, 2)
 
     def absorbed(self, q_nope, q_pe, latent, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Attention in latent space: wkv_b's K part folded into q, its V part applied after -> [T, h, v],

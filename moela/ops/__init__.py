@@ -10,7 +10,9 @@ signatures; `load` fills the rest from `reference.py`, the plain-PyTorch ground 
 any device. `reference.py` documents each op. A backend module may also define
 `available(device, dtype) -> str | None` (why it cannot run there, or None) and `setup()` (process
 settings it wants, applied by `select`), and may fail to import where its library is absent;
-`select` then says which and why. Ops know tensors, never model classes.
+`select` then says which and why. Ops know tensors, never model classes. `npu.py` (torch_npu) is
+imported only for device "npu" (`load_device`) or when named; `export.py` holds graph-friendly ops
+for moela/export.py and is no engine backend.
 
 | op | what |
 |---|---|
@@ -36,8 +38,9 @@ import torch
 from moela.errors import MoelaError
 from moela.ops import reference
 
-BACKENDS = ("reference", "cpu", "triton")  # every backend module
-AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton",)}  # device type -> backends "auto" tries before the reference
+BACKENDS = ("reference", "cpu", "triton", "npu")  # every engine backend module (export.py: graph tracing only)
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton",), "npu": ("npu",)}  # device type -> backends "auto" tries before the reference
+DEVICE_LIBRARIES = {"npu": "npu"}  # device type -> the backend module whose import registers it with torch
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,24 @@ def load(name: str) -> Backend:
     """The backend `name` with the reference filling the ops it leaves out (ImportError if its library is absent)."""
     if name not in BACKENDS:
         raise ValueError(f"backend = {name!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
-    module = importlib.import_module(f"moela.ops.{name}")
+    return backend_of(name, importlib.import_module(f"moela.ops.{name}"))
+
+
+def backend_of(name: str, module) -> Backend:
+    """The ops `module` defines, the reference's for the rest (also for modules outside BACKENDS, such as
+    the export-only ops of moela/ops/export.py)."""
     return Backend(name, **{op: getattr(module, op, getattr(reference, op)) for op in OPS})
+
+
+def load_device(device: str) -> None:
+    """Register a device type torch only knows once a library is imported ("npu": torch_npu), so that
+    torch.device(device) works; nothing for the others."""
+    name = DEVICE_LIBRARIES.get(str(device).split(":")[0])
+    if name:
+        try:
+            importlib.import_module(f"moela.ops.{name}")
+        except ImportError as e:
+            raise BackendUnavailable(f"device {device!r} needs its library: {e}") from None
 
 
 def quantizes(backend: Backend) -> bool:

@@ -133,10 +133,14 @@ def build(args: argparse.Namespace) -> tuple[EngineWorker, FastAPI]:
     from moela import ops
     from moela.config import ModelConfig
     from moela.engine.llm import LLMEngine
+    from moela.engine.onnx_runner import read_manifest
 
     engine_cfg = engine_config(args)
     engine_cfg.check_model(ModelConfig.from_pretrained(engine_cfg.model))  # an unsupported model fails before the server starts
-    ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
+    if engine_cfg.runtime == "torch":
+        ops.select(engine_cfg.backend, torch.device(engine_cfg.device), engine_cfg.torch_dtype)  # so does a backend
+    else:
+        read_manifest(engine_cfg.model)  # and a directory that is no export
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests = {args.max_queued_requests} is invalid: must be >= 0")
     cfg = ServerConfig(model_name=served_name(args), api_key=args.api_key,
