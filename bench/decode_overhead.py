@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moela.config import EngineConfig, ModelConfig
+from moela.config import ModelConfig
+
+from moela.engine.config import EngineConfig
 from moela.cost.catalog import load_model
 from moela.cost.measure import random_model
 from moela.engine.llm import LLMEngine

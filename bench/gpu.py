@@ -59,7 +59,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from moela import ops  # noqa: E402
-from moela.config import EngineConfig, ModelConfig  # noqa: E402
+from moela.config import ModelConfig  # noqa: E402
+from moela.engine.config import EngineConfig
 from moela.cost import formulas as cost  # noqa: E402
 from moela.cost.catalog import load_model as catalog_model  # noqa: E402
 from moela.cost.measure import random_model  # noqa: E402

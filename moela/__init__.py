@@ -5,7 +5,7 @@
     print(llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)
 """
 
-from moela.config import EngineConfig
+from moela.engine.config import EngineConfig
 from moela.engine.llm import LLM, LLMEngine
 from moela.engine.outputs import CompletionOutput, RequestOutput
 from moela.engine.sampler import SamplingParams

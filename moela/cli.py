@@ -17,7 +17,9 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from moela.config import DTYPES, HelpFormatter, add_engine_args
+from moela.config import DTYPES, HelpFormatter
+
+from moela.engine.config import add_engine_args
 from moela.errors import MoelaError
 
 
@@ -93,7 +95,9 @@ def parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moela.config import EngineConfig, ModelConfig, engine_args, model_dir
+    from moela.config import ModelConfig, model_dir
+
+    from moela.engine.config import EngineConfig, engine_args
     from moela.engine.llm import LLMEngine
     from moela.engine.ranks import follow_forever, is_follower
     from moela.engine.sampler import SamplingParams

@@ -150,7 +150,7 @@ class Stepper:
 
 
 def engine_for(path: Path, **kwargs):
-    from moela.config import EngineConfig
+    from moela.engine.config import EngineConfig
     from moela.engine.llm import LLMEngine
 
     kwargs.setdefault("dtype", "float32")

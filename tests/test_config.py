@@ -110,7 +110,7 @@ def test_model_dir_errors_name_the_path_and_what_to_do(tmp_path):
 
 
 def test_engine_quantization_names():
-    from moela.config import EngineConfig
+    from moela.engine.config import EngineConfig
 
     assert EngineConfig(quantization="int4").quant_format == "int4-g128"
     assert EngineConfig(quantization="int8").quant_format == "int8" and EngineConfig().quant_format is None
@@ -123,7 +123,7 @@ def test_every_engine_flag_reaches_the_engine_config():
     import argparse
     from dataclasses import fields
 
-    from moela.config import EngineConfig, add_engine_args, engine_args
+    from moela.engine.config import EngineConfig, add_engine_args, engine_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime", reason="runtime 'onnx' needs the onnx extra")
 
 from conftest import Stepper, engine_for  # noqa: E402
 from moela import SamplingParams, cli  # noqa: E402
-from moela.config import EngineConfig  # noqa: E402
+from moela.engine.config import EngineConfig  # noqa: E402
 from moela.engine.cache import BlockManager, CacheLayout  # noqa: E402
 from moela.engine.onnx_runner import OnnxRunner, pad_groups, read_manifest  # noqa: E402
 from moela.engine.sequence import Sequence  # noqa: E402

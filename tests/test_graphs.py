@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moela import ops, quantize
-from moela.config import EngineConfig
+from moela.engine.config import EngineConfig
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.graphs import graph_sizes, same_layout
 from moela.engine.runner import Runner

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import BASE, VARIANTS, build_hf, quantize_checkpoint
 from moela import LLM, SamplingParams
-from moela.config import EngineConfig, ModelConfig
+from moela.config import ModelConfig
+from moela.engine.config import EngineConfig
 from moela.engine.llm import LLMEngine
 from moela.engine.ranks import follow_forever, free_port
 from moela.errors import ConfigError

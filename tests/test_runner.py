@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import BASE
-from moela.config import EngineConfig, ModelConfig
+from moela.config import ModelConfig
+from moela.engine.config import EngineConfig
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.llm import LLMEngine
 from moela.engine.runner import Runner

@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import build_hf, make_tokenizer
-from moela.config import EngineConfig
+from moela.engine.config import EngineConfig
 from moela.engine.llm import LLMEngine
 from moela.server.app import ServerConfig, build_app
 from moela.server.cli import DrainingServer

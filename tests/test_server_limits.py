@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from moela.config import EngineConfig
+from moela.engine.config import EngineConfig
 from moela.engine.llm import LLMEngine
 from test_server import MODEL_LEN, ThreadServer, sse_events, tiny_model, wait_for
 

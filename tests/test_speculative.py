@@ -12,7 +12,8 @@ import torch
 
 from conftest import build_hf, engine_for
 from moela import LLM, SamplingParams
-from moela.config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig, SpeculativeConfig
+from moela.config import DEFAULT_MODEL_DIR, ModelConfig
+from moela.engine.config import EngineConfig, SpeculativeConfig
 from moela.engine.speculative import rejection_sample
 from moela.errors import CheckpointError, ConfigError
 from moela.loader import load_model, save_model

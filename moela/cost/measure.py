@@ -16,7 +16,8 @@ import time
 import torch
 
 from moela import ops
-from moela.config import MODEL_TYPES, EngineConfig, ModelConfig
+from moela.config import MODEL_TYPES, ModelConfig
+from moela.engine.config import EngineConfig
 from moela.cost import formulas as cost
 from moela.cost.catalog import CatalogModel
 from moela.cost.formulas import Hardware

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from moela import ops, quantize, threads
-from moela.config import EngineConfig, ModelConfig, model_dir
+from moela.config import ModelConfig, model_dir
+from moela.engine.config import EngineConfig
 from moela.engine.cache import BlockManager, CacheLayout
 from moela.engine.graphs import graph_sizes
 from moela.engine.guided import Guides

@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moela.config import EngineConfig, ModelConfig
+from moela.config import ModelConfig
+
+from moela.engine.config import EngineConfig
 from moela.models import StepContext
 from moela.parallel import Mesh, RankError, Shard, reason
 from moela.placement import Placement

@@ -16,7 +16,7 @@ kept, so greedy output is unchanged).
 
 from collections import deque
 
-from moela.config import SchedulerConfig
+from moela.engine.config import SchedulerConfig
 from moela.engine.cache import BlockManager
 from moela.engine.sequence import Sequence, Status
 

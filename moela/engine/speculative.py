@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from moela import ops, quantize
-from moela.config import SpeculativeConfig
+from moela.engine.config import SpeculativeConfig
 from moela.engine.outputs import postprocess
 from moela.engine.sampler import apply_penalties, probabilities, top_logprobs
 from moela.engine.sequence import Sequence

@@ -17,12 +17,13 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
-from moela.config import DTYPES, HelpFormatter, add_engine_args
+from moela.config import DTYPES, HelpFormatter
+
+from moela.engine.config import add_engine_args
 from moela.server.app import REASONING_PARSERS, ServerConfig, build_app
 from moela.server.tools import FORMATS
 from moela.server.worker import EngineWorker
@@ -109,7 +110,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def engine_config(args: argparse.Namespace):
-    from moela.config import EngineConfig, engine_args, model_dir
+    from moela.config import model_dir
+    from moela.engine.config import EngineConfig, engine_args
 
     return EngineConfig(model=model_dir(args.model), dtype=args.dtype, max_model_len=args.max_model_len,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs, **engine_args(args))
