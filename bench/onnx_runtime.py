@@ -9,7 +9,7 @@ kernels run it), then each engine runs in its own process on the same prompts: m
 in bfloat16 (the oneDNN-packed `cpu` backend where the CPU has it), moela's reference backend in
 float32, and runtime "onnx" on the CPU provider in float32. The decode step is the median wall time of
 the steps that run no prefill; decode tokens/s = batch / that step. Writes
-bench/results/onnx-<shape>-<date>.json with the machine, its load average around the runs (a load above
+bench/results/onnx-<shape>-<date>.json with the machine, its load average before the runs (a load above
 half its core count means other work skewed every number), the command and every number.
 """
 
@@ -107,11 +107,11 @@ def main(argv: list[str]) -> int:
         t = time.perf_counter()
         export_onnx(checkpoint, onnx)
         export_s = time.perf_counter() - t
+        os.sync()  # the export's weights reach the disk before the timed runs, not during them
         common = [sys.executable, __file__, "--checkpoint", str(checkpoint), "--onnx", str(onnx), "--threads", str(args.threads),
                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
         runs = {e: json.loads(subprocess.run(common + ["--engine", e], check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 for e in args.engines}
-    load = max(load, os.getloadavg()[0])
     loaded = load > (os.cpu_count() or 1) / 2
     print(f"{shape}: {args.threads} threads, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; export {export_s:.0f} s")
     print(f"{'engine':<22} {'kernels':<20} " + " ".join(f"{f'batch {b} ms':>11} {'tok/s':>7}" for b in args.batches) + f" {'RSS MB':>8}")

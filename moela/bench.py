@@ -40,9 +40,11 @@ SHAPES = [name for name in model_names() if name.startswith("bench-")]  # bench-
 
 
 def write_checkpoint(shape: str, path: Path) -> None:
-    """The catalog shape with random bf16 weights (moela.cost.measure.random_model), in HF format."""
+    """The catalog shape with random bf16 weights (moela.cost.measure.random_model), in HF format, flushed to
+    disk: the kernel's write-back of gigabytes of dirty pages would otherwise run during the timed runs."""
     config = load_model(shape).config
     save_model(random_model(ModelConfig.from_dict(config)), path, dtype=torch.bfloat16, config=config)
+    os.sync()
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:

@@ -94,6 +94,22 @@ def rope_kernel(x, cos, sin, out, n_rows, H, HALF, stride_t, stride_h, stride_c,
 
 
 @triton.jit
+def _attend_rows(qc, qr, k_row, ok, c, r, C, R, scale, m, l, acc):
+    """One tile of absorbed MLA's online softmax: queries [M, C] + [M, R] against the latent rows k_row [N]
+    (keys [c_KV | k_pe], values their first C columns; rows where ok is False count for nothing) ->
+    the running max m [M], sum l [M] and output acc [M, C] after them."""
+    kc = tl.load(k_row + c[None, :], mask=ok[:, None] & (c[None, :] < C), other=0.0)
+    kr = tl.load(k_row + C + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)
+    s = _dot(qr, tl.trans(kr), _dot(qc, tl.trans(kc), tl.zeros([qc.shape[0], kc.shape[0]], tl.float32))) * scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid row yet: nothing to rescale
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return m_new, l * alpha + tl.sum(p, axis=1), _dot(p.to(kc.dtype), kc, acc * alpha[:, None])
+
+
+@triton.jit
 def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
                             stride_qt, stride_qh, stride_tb, stride_k, H, C, R, scale, block_size, splits,
                             PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -129,17 +145,7 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
             row = block * block_size + pos % block_size
         else:
             row = first + pos
-        k_row = keys + row[:, None] * stride_k
-        kc = tl.load(k_row + c[None, :], mask=ok[:, None] & (c[None, :] < C), other=0.0)
-        kr = tl.load(k_row + C + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)
-        s = _dot(qr, tl.trans(kr), _dot(qc, tl.trans(kc), tl.zeros([BLOCK_M, BLOCK_N], tl.float32))) * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = _dot(p.to(kc.dtype), kc, acc * alpha[:, None])
-        m = m_new
+        m, l, acc = _attend_rows(qc, qr, keys + row[:, None] * stride_k, ok, c, r, C, R, scale, m, l, acc)
     mask = (heads[:, None] < H) & (c[None, :] < C)
     if splits == 1:
         tl.store(out + (t * H + heads)[:, None] * C + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty), mask=mask)
@@ -177,18 +183,7 @@ def sparse_latent_attention_kernel(q, keys, tables, owner, indices, out, stride_
             row = block * block_size + pos % block_size
         else:
             row = base + pos
-        k_row = keys + row[:, None] * stride_k
-        kc = tl.load(k_row + c[None, :], mask=ok[:, None] & (c[None, :] < C), other=0.0)
-        kr = tl.load(k_row + C + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)
-        s = _dot(qr, tl.trans(kr), _dot(qc, tl.trans(kc), tl.zeros([BLOCK_M, BLOCK_N], tl.float32))) * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid pick yet: nothing to rescale
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = _dot(p.to(kc.dtype), kc, acc * alpha[:, None])
-        m = m_new
+        m, l, acc = _attend_rows(qc, qr, keys + row[:, None] * stride_k, ok, c, r, C, R, scale, m, l, acc)
     l = tl.where(l == 0.0, 1.0, l)  # a query with no picks at all: zeros
     tl.store(out + (t * H + heads)[:, None] * C + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
              mask=(heads[:, None] < H) & (c[None, :] < C))
