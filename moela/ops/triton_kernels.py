@@ -94,6 +94,17 @@ def rope_kernel(x, cos, sin, out, n_rows, H, HALF, stride_t, stride_h, stride_c,
 
 
 @triton.jit
+def _latent_rows(table, first, pos, ok, block_size, PAGED: tl.constexpr):
+    """Rows of sequence positions pos: through the sequence's block table (PAGED), else first + pos."""
+    if PAGED:
+        block = tl.load(table + pos // block_size, mask=ok, other=0).to(tl.int64)
+        row = block * block_size + pos % block_size
+    else:
+        row = first + pos
+    return row
+
+
+@triton.jit
 def _attend_rows(qc, qr, k_row, ok, c, r, C, R, scale, m, l, acc):
     """One tile of absorbed MLA's online softmax: queries [M, C] + [M, R] against the latent rows k_row [N]
     (keys [c_KV | k_pe], values their first C columns; rows where ok is False count for nothing) ->
@@ -140,11 +151,7 @@ def latent_attention_kernel(q, keys, tables, tokens, out, part_o, part_lse,
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        if PAGED:
-            block = tl.load(tables + b * stride_tb + pos // block_size, mask=ok, other=0).to(tl.int64)
-            row = block * block_size + pos % block_size
-        else:
-            row = first + pos
+        row = _latent_rows(tables + b * stride_tb, first, pos, ok, block_size, PAGED)
         m, l, acc = _attend_rows(qc, qr, keys + row[:, None] * stride_k, ok, c, r, C, R, scale, m, l, acc)
     mask = (heads[:, None] < H) & (c[None, :] < C)
     if splits == 1:
@@ -178,11 +185,7 @@ def sparse_latent_attention_kernel(q, keys, tables, owner, indices, out, stride_
         pos = tl.load(indices + t * stride_i + n, mask=n < K, other=-1).to(tl.int64)
         ok = pos >= 0
         pos = tl.maximum(pos, 0)
-        if PAGED:
-            block = tl.load(tables + base * stride_tb + pos // block_size, mask=ok, other=0).to(tl.int64)
-            row = block * block_size + pos % block_size
-        else:
-            row = base + pos
+        row = _latent_rows(tables + base * stride_tb, base, pos, ok, block_size, PAGED)
         m, l, acc = _attend_rows(qc, qr, keys + row[:, None] * stride_k, ok, c, r, C, R, scale, m, l, acc)
     l = tl.where(l == 0.0, 1.0, l)  # a query with no picks at all: zeros
     tl.store(out + (t * H + heads)[:, None] * C + c[None, :], (acc / l[:, None]).to(out.dtype.element_ty),
