@@ -12,6 +12,7 @@ Bad input (a missing path, an unsupported model, a corrupt checkpoint) prints on
 """
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -30,29 +31,14 @@ def moela_version() -> str:
         return "unknown (not installed)"
 
 
+SUBCOMMANDS = {"cost": "moela.cost.cli", "bench": "moela.bench", "train": "moela.train.cli", "serve": "moela.server.cli",
+               "plan-experts": "moela.placement_cli", "export": "moela.export", "convert": "moela.convert"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "cost":
-        from moela.cost.cli import main as cost_main
-        return cost_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from moela.bench import main as bench_main
-        return bench_main(argv[1:])
-    if argv and argv[0] == "train":
-        from moela.train.cli import main as train_main
-        return train_main(argv[1:])
-    if argv and argv[0] == "plan-experts":
-        from moela.placement_cli import main as plan_main
-        return plan_main(argv[1:])
-    if argv and argv[0] == "export":
-        from moela.export import main as export_main
-        return export_main(argv[1:])
-    if argv and argv[0] == "convert":
-        from moela.convert import main as convert_main
-        return convert_main(argv[1:])
-    if argv and argv[0] == "serve":
-        from moela.server.cli import main as serve_main
-        return serve_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:  # commands with parsers of their own, imported only when run
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

@@ -98,8 +98,11 @@ class StepContext:
         return self.plans["token_seqs"]
 
     def token_starts(self) -> torch.Tensor:
-        """[T] the row where each token's sequence starts in the packed stream."""
-        return torch.tensor(self.q_starts[:-1], device=self.positions.device)[self.token_seqs()]
+        """[T] the row where each token's sequence starts in the packed stream (built once per step)."""
+        if "token_starts" not in self.plans:
+            starts = torch.tensor(self.q_starts[:-1], device=self.positions.device)
+            self.plans["token_starts"] = starts[self.token_seqs()]
+        return self.plans["token_starts"]
 
     def absorbed_rows(self) -> torch.Tensor:
         """[T_absorbed] token rows of the absorbed sequences, on the device (built once per step)."""
