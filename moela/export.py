@@ -17,9 +17,10 @@ next tokens, at positions running on from what its cache holds (positions[:, 0] 
 block_tables' blocks); shorter sequences are padded at the end. kv_cache.N is layer N's latent cache
 [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] (V3.2's layers add indexer.k_cache.N, the
 indexer's keys), read only: the graph returns the new rows (kv_cache.N.new) and the runtime writes them
-at their slots, so no step copies the cache. Weights are
-stored once, in weights.data beside the graphs (ONNX external data that both graphs reference).
-manifest.json records the dtype, opset, caches and graph signatures; the model's config.json and
+at their slots, so no step copies the cache. V4's layers (moela/export_v4.py) cache per sequence too:
+those graphs also take seq_slots [B] (and, prefill, lengths [B]: each sequence's real rows), read each
+per-sequence cache at the slots and return its updated state [B, entries, width]. Weights are stored
+once, in weights.data beside the graphs (ONNX external data that both graphs reference). manifest.json records the dtype, opset, caches and graph signatures; the model's config.json and
 tokenizer files are copied beside them, so the directory is a model directory for `--runtime onnx`.
 """
 
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 import warnings
@@ -36,18 +38,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moela import ops, quantize
+from moela import export_v4, ops, quantize
 from moela.config import DTYPES, HelpFormatter, ModelConfig, model_dir
 from moela.errors import MoelaError
 from moela.loader import load_model
 from moela.models import StepContext, Transformer
+from moela.models.context import CacheSpec
 from moela.models.layers import OpsModule
 from moela.ops import export as export_ops
 from moela.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-EXPORTABLE = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32")  # MLA models (V3.2: with its indexer); V4: not yet
 MIN_OPSET = 20  # the dynamo exporter's translations (aten::rms_norm among them) need at least this
 WEIGHTS = "weights.data"
 ORT_DTYPES = (torch.float32, torch.float16)  # what ONNX Runtime's CPU kernels run (bfloat16: hardly any)
@@ -64,8 +66,8 @@ class StepGraph(nn.Module):
         self.model, self.decode = model, decode
         self.backend = ops.backend_of("export", export_ops)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                logit_rows: torch.Tensor | None, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, logit_rows: torch.Tensor | None,
+                seq_slots: torch.Tensor | None, lengths: torch.Tensor | None, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model, written = self.model, []
         collect = dataclasses.replace(self.backend, store_latent=lambda cache, slots, latent: written.append(latent))
         for module in model.modules():
@@ -75,13 +77,17 @@ class StepGraph(nn.Module):
         for (layer, name), cache in zip(cache_names(model), caches):
             per_layer[layer][name] = cache
         model.attach_cache(per_layer)
-        ctx = StepContext.padded(positions, block_tables, caches[0].shape[1])
+        paged = next(i for i, spec in enumerate(cache_specs(model)) if spec.paged)
+        ctx = StepContext.padded(positions, block_tables, caches[paged].shape[1] * cache_specs(model)[paged].tokens_per_entry)
+        if seq_slots is not None:  # per-sequence caches (V4): moela/export_v4.py reads these
+            ctx.seq_slots, ctx.plans["lengths"] = seq_slots, torch.ones_like(seq_slots) if lengths is None else lengths
         hidden = model(tokens.flatten(), ctx.positions, ctx)  # [B*S, H]
         model.attach_cache(None)
         if not self.decode:
             hidden = hidden.view(*tokens.shape, -1)  # [B, S, H]
             hidden = hidden.gather(1, logit_rows[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
-        return (model.logits(hidden).float(), *(rows.view(*tokens.shape, -1) for rows in written))
+        outputs = (rows if rows.dim() == 3 else rows.view(*tokens.shape, -1) for rows in written)  # [B, S or entries, width]
+        return model.logits(hidden).float(), *outputs
 
 
 def cache_names(model: Transformer) -> list[tuple[int, str]]:
@@ -89,25 +95,42 @@ def cache_names(model: Transformer) -> list[tuple[int, str]]:
     return [(i, spec.name) for i, specs in enumerate(model.cache_specs()) for spec in specs]
 
 
+def cache_specs(model: Transformer) -> list[CacheSpec]:
+    """Every cache's spec, in graph input order."""
+    return [spec for specs in model.cache_specs() for spec in specs]
+
+
 def example_inputs(model: Transformer, decode: bool) -> tuple[tuple, tuple, list[str], list[str]]:
     """(args, dynamic shapes, input names, output names) to trace one graph with. The example sizes are
     distinct and > 1, so the tracer keeps every dynamic dimension symbolic."""
-    B, S, R, blocks, num_blocks, block_size = 2, 7, 3, 5, 11, 4
+    specs = [(layer, spec) for layer, layer_specs in enumerate(model.cache_specs()) for spec in layer_specs]
+    per_sequence = any(not spec.paged for _, spec in specs)  # V4: seq_slots (and lengths) join the inputs
+    step = math.lcm(*(spec.tokens_per_entry for _, spec in specs if spec.paged))
+    B, S, R, blocks, num_blocks, num_slots, block_size = 2, 7, 3, 5, 11, 6, 4 * step
     shape = (B,) if decode else (B, S)
     positions = torch.arange(S).expand(B, S).contiguous() + torch.tensor([[6], [9]])
     args = [torch.randint(0, model.cfg.vocab_size, shape), positions[:, 0] if decode else positions,
-            torch.arange(B * blocks).view(B, blocks), None if decode else torch.tensor([[0, 3, 6]] * B)]
+            torch.arange(B * blocks).view(B, blocks), None if decode else torch.tensor([[0, 3, 6]] * B),
+            torch.tensor([4, 1]) if per_sequence else None, None if decode or not per_sequence else torch.tensor([S, 4])]
     Dim = torch.export.Dim
-    batch, cache_dims = Dim("batch"), {0: Dim("num_blocks"), 1: Dim("block_size")}
+    batch, num_blocks_dim, num_slots_dim = Dim("batch"), Dim("num_blocks"), Dim("num_slots")
     rows = {0: batch} if decode else {0: batch, 1: Dim("new_tokens")}
-    dims = [rows, rows, {0: batch, 1: Dim("table_blocks")}, None if decode else {0: batch, 1: Dim("logit_rows")}]
-    specs = [(layer, spec) for layer, layer_specs in enumerate(model.cache_specs()) for spec in layer_specs]
-    caches = tuple(torch.zeros(num_blocks, block_size, spec.width, dtype=spec.dtype or model.embed.weight.dtype)
-                   for _, spec in specs)
-    inputs = ["tokens", "positions", "block_tables"] + ([] if decode else ["logit_rows"])
-    inputs += [f"{spec.name}.{layer}" for layer, spec in specs]
+    dims = [rows, rows, {0: batch, 1: Dim("table_blocks")}, None if decode else {0: batch, 1: Dim("logit_rows")},
+            {0: batch} if args[4] is not None else None, {0: batch} if args[5] is not None else None]
+    entries = {n: Dim("block_size" if n == 1 else f"block_entries_{n}") for n in {spec.tokens_per_entry for _, spec in specs}}
+    caches, cache_dims = [], []
+    for _, spec in specs:
+        dtype = spec.dtype or model.embed.weight.dtype
+        if spec.paged:
+            caches.append(torch.zeros(num_blocks, block_size // spec.tokens_per_entry, spec.width, dtype=dtype))
+            cache_dims.append({0: num_blocks_dim, 1: entries[spec.tokens_per_entry]})
+        else:
+            caches.append(torch.zeros(num_slots, spec.entries_per_sequence, spec.width, dtype=dtype))
+            cache_dims.append({0: num_slots_dim})
+    names = ["tokens", "positions", "block_tables", "logit_rows", "seq_slots", "lengths"]
+    inputs = [name for name, arg in zip(names, args) if arg is not None] + [f"{spec.name}.{layer}" for layer, spec in specs]
     outputs = ["logits"] + [f"{spec.name}.{layer}.new" for layer, spec in specs]
-    return (*args, *caches), (*dims, (cache_dims,) * len(specs)), inputs, outputs
+    return (*args, *caches), (*dims, tuple(cache_dims)), inputs, outputs
 
 
 def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, opset: int = MIN_OPSET) -> Path:
@@ -120,11 +143,10 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
         raise ValueError(f"--opset {opset} is invalid: the exporter needs opset >= {MIN_OPSET}")
     src, out = model_dir(model_path), Path(out)
     cfg = ModelConfig.from_pretrained(src)
-    if cfg.model_type not in EXPORTABLE:
-        raise MoelaError(f"{src}: model_type {cfg.model_type!r} cannot be exported yet (its attention has no graph-friendly "
-                         f"ops); exportable: {', '.join(EXPORTABLE)}")
     model = load_model(src, dtype=dtype, cfg=cfg)
     quantize.prepare(model, ops.backend_of("export", export_ops))
+    if cfg.model_type == "deepseek_v4":
+        export_v4.bind(model)
     out.mkdir(parents=True, exist_ok=True)
     graphs, signatures = {}, {}
     for name in GRAPHS:
@@ -151,12 +173,10 @@ def export_onnx(model_path: str | Path, out: str | Path, dtype: torch.dtype = to
 def onnx_moe(x, weights, indices, w13: list, w2: list, limit: float | None = None):
     """moela::moe (moela/ops/export.py) in ONNX ops: the same loop over experts, each expert's rows from
     NonZero on its routing weights (a routed token whose weight is exactly 0 would add nothing anyway),
-    each expert's weights initializers of their own."""
+    each expert's weights initializers of their own; `limit` clamps the SwiGLU as V4's experts do."""
     from onnxscript import ir
     from onnxscript import opset20 as op
 
-    if limit is not None:
-        raise MoelaError("the clamped SwiGLU of DeepSeek-V4's experts has no ONNX translation (V4 is not exportable)")
     n_experts = len(w13)
     shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[n_experts]), axis=0)
     routed = op.ScatterElements(op.ConstantOfShape(shape, value=ir.tensor([0.0])), indices, weights, axis=1)  # [T, E]
@@ -166,6 +186,9 @@ def onnx_moe(x, weights, indices, w13: list, w2: list, limit: float | None = Non
         weight = op.Gather(routed, op.Constant(value_int=e), axis=0)  # [T]
         rows = op.Transpose(op.NonZero(weight), perm=[1, 0])  # [n, 1]: the tokens routed to e
         g, u = op.Split(op.Gemm(op.GatherND(x, rows), w13[e], transB=1), num_outputs=2, axis=-1)  # [n, I] each
+        if limit is not None:  # V4's clamped SwiGLU (reference.swiglu): gate <= limit, up in [-limit, limit]
+            high, low = op.CastLike(op.Constant(value_float=limit), x), op.CastLike(op.Constant(value_float=-limit), x)
+            g, u = op.Min(g, high), op.Clip(u, low, high)
         y = op.Gemm(op.Mul(op.Mul(g, op.Sigmoid(g)), u), w2[e], transB=1)  # [n, d]
         out = op.ScatterND(out, rows, op.Mul(y, op.Unsqueeze(op.GatherND(weight, rows), [1])), reduction="add")
     return out
@@ -197,8 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="format", required=True)
     onnx = sub.add_parser("onnx", formatter_class=HelpFormatter, help="prefill and decode ONNX graphs around the latent cache",
-                          description="Prefill and decode ONNX graphs of the absorbed-MLA step, the paged latent cache as "
-                                      "inputs and its new rows as outputs; run them with --runtime onnx.")
+                          description="Prefill and decode ONNX graphs of one engine step, the caches as inputs and their "
+                                      "new rows (and per-sequence state) as outputs; run them with --runtime onnx.")
     onnx.add_argument("model", help="model directory (a checkpoint moela runs)")
     onnx.add_argument("out", help="directory to write the graphs, weights.data, manifest.json and the tokenizer to")
     onnx.add_argument("--dtype", choices=[k for k, v in DTYPES.items() if v in ORT_DTYPES], default="float32",

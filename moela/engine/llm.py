@@ -89,7 +89,7 @@ class LLMEngine:
         self.max_cached_tokens = num_blocks * layout.block_size
         graphs = cfg.cuda_graphs and not num_slots and self.speculator is None
         if cfg.runtime == "onnx":
-            self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider)
+            self.runner = OnnxRunner(path, layout, num_blocks, cfg.provider, num_slots)
             running = f"ONNX Runtime ({self.runner.provider}, {str(dtype).removeprefix('torch.')})"
         else:
             self.runner = Runner(self.model, layout, num_blocks + graphs, num_slots, self.backend)  # + the graphs' scratch block

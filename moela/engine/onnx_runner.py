@@ -116,14 +116,15 @@ def pad_groups(lengths: dict[int, int]) -> list[list[int]]:
 
 
 class OnnxRunner:
-    def __init__(self, path: Path, layout: CacheLayout, num_blocks: int, provider: str = "cpu"):
+    def __init__(self, path: Path, layout: CacheLayout, num_blocks: int, provider: str = "cpu", num_slots: int = 0):
         if layout.dtype not in ORT_TYPES:
             raise ConfigError(f"{path}: graphs in {layout.dtype} cannot run here (export with --dtype float32 or float16)")
         self.block_size, self.element_type = layout.block_size, ORT_TYPES[layout.dtype]
         self.sessions, self.weights = start_sessions(path, provider, torch.get_num_threads())
         self.provider = self.sessions["decode"].get_providers()[0]
-        self.caches = layout.allocate(num_blocks, 0, torch.device("cpu"))
-        self.inputs = [(f"{spec.name}.{i}", self.caches[i][spec.name]) for i, specs in enumerate(layout.specs) for spec in specs]
+        self.caches = layout.allocate(num_blocks, num_slots, torch.device("cpu"))
+        self.inputs = [(f"{spec.name}.{i}", spec, self.caches[i][spec.name]) for i, specs in enumerate(layout.specs) for spec in specs]
+        self.feeds = {name: {i.name for i in session.get_inputs()} for name, session in self.sessions.items()}
 
     def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Return (logits of each batch entry's last row [B, V], {b: logits of all of b's rows} for b in all_rows)."""
@@ -154,18 +155,38 @@ class OnnxRunner:
             feeds["tokens"], feeds["positions"] = [t[0] for t in feeds["tokens"]], [p[0] for p in feeds["positions"]]
         else:
             feeds["logit_rows"] = [list(range(S)) if all_logits else [n - 1] for _, n in seqs]
+            feeds["lengths"] = [n for _, n in seqs]
+        if "seq_slots" in self.feeds[graph]:  # models with per-sequence caches (V4)
+            feeds["seq_slots"] = [seq.slot for seq, _ in seqs]
         session = self.sessions[graph]
         binding = session.io_binding()
         for name, values in feeds.items():
-            binding.bind_cpu_input(name, np.asarray(values, dtype=np.int64))
-        for name, cache in self.inputs:
+            if name in self.feeds[graph]:
+                binding.bind_cpu_input(name, np.asarray(values, dtype=np.int64))
+        for name, _, cache in self.inputs:
             binding.bind_input(name, "cpu", 0, self.element_type, list(cache.shape), cache.data_ptr())
         for out in session.get_outputs():
             binding.bind_output(out.name, "cpu")
         session.run_with_iobinding(binding)
         logits, *new = (torch.from_numpy(a) for a in binding.copy_outputs_to_cpu())
-        slots = [seq.block_table[p // bs] * bs + p % bs for (seq, n), s in zip(seqs, starts) for p in range(s, s + n)]
-        real = [i * S + j for i, (_, n) in enumerate(seqs) for j in range(n)]  # rows that are not padding
-        for (_, cache), written in zip(self.inputs, new):
-            cache.view(-1, cache.shape[-1])[slots] = written.reshape(-1, cache.shape[-1])[real].to(cache.dtype)
+        for (_, spec, cache), written in zip(self.inputs, new):
+            store(spec, cache, written, seqs, starts)
         return logits
+
+
+def store(spec: CacheSpec, cache: torch.Tensor, written: torch.Tensor, seqs: list[tuple[Sequence, int]], starts: list[int]) -> None:
+    """Write one cache's graph output. A per-sequence kind: each sequence's whole state at its slot. A paged
+    kind: per sequence, K entries from the one its first new row falls in (K = the new rows for a
+    per-token kind, one per `tokens_per_entry` otherwise), of which the step's real rows completed the
+    first few; those go to their rows of the sequence's blocks."""
+    width = cache.shape[-1]
+    if not spec.paged:
+        cache[[seq.slot for seq, _ in seqs]] = written.view(len(seqs), *cache.shape[1:]).to(cache.dtype)
+        return
+    rate, per_block, K = spec.tokens_per_entry, cache.shape[1], written.numel() // (len(seqs) * width)
+    rows, src = [], []
+    for i, ((seq, n), s) in enumerate(zip(seqs, starts)):
+        for e in range(s // rate, (s + n) // rate):
+            rows.append(seq.block_table[e // per_block] * per_block + e % per_block)
+            src.append(i * K + e - s // rate)
+    cache.view(-1, width)[rows] = written.reshape(-1, width)[src].to(cache.dtype)

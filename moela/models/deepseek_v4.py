@@ -134,8 +134,7 @@ class Indexer(OpsModule):
                 ctx: StepContext, rope: Rope) -> list[torch.Tensor]:
         """Per sequence, the entries [n_b, topk] each of its queries attends (-1: none)."""
         keys = self.compressor(x, ctx, rope)
-        q = rope_tail(self.ops, self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim), cos, sin)
-        weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [T, H]
+        q, weights = self.queries(x, q_resid, cos, sin)
         picks = []
         for b, k in enumerate(keys):
             rows = slice(ctx.q_starts[b], ctx.q_starts[b + 1])
@@ -145,6 +144,11 @@ class Indexer(OpsModule):
             best = scores.topk(min(self.topk, len(k)), dim=-1)
             picks.append(best.indices.masked_fill(best.values == float("-inf"), -1))
         return picks
+
+    def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [T, H, D], their per-head weights [T, H] fp32)."""
+        q = rope_tail(self.ops, self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim), cos, sin)
+        return q, self.weights_proj(x).float() * self.n_heads**-0.5
 
 
 class Attention(OpsModule):
@@ -177,11 +181,7 @@ class Attention(OpsModule):
         return specs
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext, rope: Rope) -> torch.Tensor:
-        T = x.shape[0]
-        q_resid = self.q_norm(self.wq_a(x))
-        q = self.ops.rms_norm(self.wq_b(q_resid).view(T, self.n_heads, self.head_dim), None, self.eps)  # [T, H, d]
-        q = rope_tail(self.ops, q, cos, sin)
-        kv = rope_tail(self.ops, self.kv_norm(self.wkv(x)), cos, sin)  # [T, d]: keys and values
+        q_resid, q, kv = self.project(x, cos, sin)
         entries = self.compressor(x, ctx, rope) if self.compressor is not None else None
         picks = self.indexer(x, q_resid, cos, sin, ctx, rope) if self.indexer is not None else None
         out = torch.empty_like(q)
@@ -198,8 +198,18 @@ class Attention(OpsModule):
                 extra, extra_mask = entries[b][picks[b].clamp(min=0)], picks[b] >= 0  # [n, k, d], [n, k]
             out[a : a + q_len] = self.ops.sink_attention(q[a : a + q_len], keys, mask, extra, extra_mask,
                                                          self.attn_sink, self.head_dim**-0.5)
+        return self.output(out, cos, sin)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query LoRA residual [T, q_lora_rank], queries [T, H, d], the shared key = value [T, d]), roped."""
+        q_resid = self.q_norm(self.wq_a(x))
+        q = self.ops.rms_norm(self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim), None, self.eps)
+        return q_resid, rope_tail(self.ops, q, cos, sin), rope_tail(self.ops, self.kv_norm(self.wkv(x)), cos, sin)
+
+    def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, H, d] -> [T, hidden_size]: un-rotated, then the grouped low-rank projection."""
         out = rope_tail(self.ops, out, cos, -sin)  # values carried their keys' rotation: undo it at the query
-        grouped = out.view(T, self.groups, -1)  # [T, g, H*d/g]
+        grouped = out.view(out.shape[0], self.groups, -1)  # [T, g, H*d/g]
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H*d/g]
         return self.wo_b(torch.einsum("tgi,goi->tgo", grouped, w).flatten(1))
 

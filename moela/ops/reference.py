@@ -175,18 +175,20 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, sca
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, extra_kv: torch.Tensor | None,
                    extra_mask: torch.Tensor | None, sinks: torch.Tensor, scale: float) -> torch.Tensor:
-    """V4's attention, keys being the values: queries q [n, h, d] attend shared keys kv [s, d] (mask [n, s],
-    True = may attend) and, when given, keys of their own extra_kv [n, k, d] (extra_mask [n, k]); a
-    learned per-head sink logit sinks [h] joins the softmax and is dropped after it -> [n, h, d]."""
-    logits = [(torch.einsum("nhd,sd->nhs", q, kv) * scale).masked_fill(~mask[:, None, :], float("-inf"))]
+    """V4's attention, keys being the values: queries q [..., n, h, d] attend shared keys kv [..., s, d] (mask
+    [..., n, s], True = may attend) and, when given, keys of their own extra_kv [..., n, k, d] (extra_mask
+    [..., n, k]); a learned per-head sink logit sinks [h] joins the softmax and is dropped after it ->
+    [..., n, h, d]. Leading dims (a padded batch of sequences) are optional."""
+    logits = [(torch.einsum("...nhd,...sd->...nhs", q, kv) * scale).masked_fill(~mask.unsqueeze(-2), float("-inf"))]
     if extra_kv is not None:
-        extra = torch.einsum("nhd,nkd->nhk", q, extra_kv) * scale
-        logits.append(extra.masked_fill(~extra_mask[:, None, :], float("-inf")))
-    logits.append(sinks.float()[None, :, None].expand(q.shape[0], -1, 1))
-    probs = torch.cat([t.float() for t in logits], dim=-1).softmax(dim=-1).to(q.dtype)  # [n, h, s (+ k) + 1]
-    out = torch.einsum("nhs,sd->nhd", probs[..., : kv.shape[0]], kv)
+        extra = torch.einsum("...nhd,...nkd->...nhk", q, extra_kv) * scale
+        logits.append(extra.masked_fill(~extra_mask.unsqueeze(-2), float("-inf")))
+    logits.append(sinks.float()[:, None].expand(*q.shape[:-1], 1))
+    probs = torch.cat([t.float() for t in logits], dim=-1).softmax(dim=-1).to(q.dtype)  # [..., n, h, s (+ k) + 1]
+    s = kv.shape[-2]
+    out = torch.einsum("...nhs,...sd->...nhd", probs[..., :s], kv)
     if extra_kv is not None:
-        out = out + torch.einsum("nhk,nkd->nhd", probs[..., kv.shape[0] : -1], extra_kv)
+        out = out + torch.einsum("...nhk,...nkd->...nhd", probs[..., s:-1], extra_kv)
     return out
 
 
