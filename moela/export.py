@@ -102,11 +102,12 @@ def cache_specs(model: Transformer) -> list[CacheSpec]:
 
 def example_inputs(model: Transformer, decode: bool) -> tuple[tuple, tuple, list[str], list[str]]:
     """(args, dynamic shapes, input names, output names) to trace one graph with. The example sizes are
-    distinct and > 1, so the tracer keeps every dynamic dimension symbolic."""
+    distinct and > 1, so the tracer keeps every dynamic dimension symbolic; S spans at least two entries
+    of every compressed cache, so their new entries' count (ceil(S / rate)) is no 1 either."""
     specs = [(layer, spec) for layer, layer_specs in enumerate(model.cache_specs()) for spec in layer_specs]
     per_sequence = any(not spec.paged for _, spec in specs)  # V4: seq_slots (and lengths) join the inputs
     step = math.lcm(*(spec.tokens_per_entry for _, spec in specs if spec.paged))
-    B, S, R, blocks, num_blocks, num_slots, block_size = 2, 7, 3, 5, 11, 6, 4 * step
+    B, S, R, blocks, num_blocks, num_slots, block_size = 2, 7 + 2 * step, 3, 5, 11, 6, 4 * step
     shape = (B,) if decode else (B, S)
     positions = torch.arange(S).expand(B, S).contiguous() + torch.tensor([[6], [9]])
     args = [torch.randint(0, model.cfg.vocab_size, shape), positions[:, 0] if decode else positions,

@@ -102,27 +102,31 @@ def compress(comp: v4.Compressor, x: torch.Tensor, step: Step, rope: Rope) -> tu
     sw = comp.wkv.weight.shape[0]  # series * width
     K = (S + rate - 1) // rate  # ceil(S / rate); not -(-S // rate): ONNX rounds an integer division toward zero
     first = step.start // rate  # the window positions[:, 0] falls in
-    rows = torch.cat([comp.pending[step.slots], torch.cat([comp.wkv(x), comp.wgate(x)], -1).view(B, S, 2 * sw)], dim=1)
+    parts = [comp.pending[step.slots], torch.cat([comp.wkv(x), comp.wgate(x)], -1).view(B, S, 2 * sw)]
+    if comp.overlap:  # window first - 1's first series, laid out as rows: [kv, 0, gate, 0]
+        carry = comp.carry[step.slots]  # [B, rate, 2 w]
+        zero = torch.zeros_like(carry[..., :w])
+        parts.insert(0, torch.cat([carry[..., :w], zero, carry[..., w:], zero], dim=-1))
+    rows, lead = torch.cat(parts, dim=1), rate if comp.overlap else 0  # [B, lead + rate - 1 + S, 2 sw]
 
-    def row(p: torch.Tensor) -> torch.Tensor:  # p [B, m] positions from first * rate on -> their rows in `rows`
+    def row(p: torch.Tensor) -> torch.Tensor:  # positions p [B, m] from (first - 1) * rate on -> their rows
         start = step.start[:, None]
-        return take(rows, torch.where(p < start, p - first[:, None] * rate, rate - 1 + p - start))
+        return take(rows, lead + torch.where(p < start, p - first[:, None] * rate, rate - 1 + p - start))
 
     arange = lambda n: torch.arange(n, device=x.device)  # noqa: E731
     windows = first[:, None] + arange(K)  # [B, K]
-    seq = row((windows[..., None] * rate + arange(rate)).view(B, -1)).view(B, K, rate, 2 * sw)
+    spans = (windows[..., None] * rate + arange(rate)).view(B, -1)  # [B, K * rate] the windows' positions
+    seq = row(spans).view(B, K, rate, 2 * sw)
     kv, gate = seq[..., :sw], seq[..., sw:] + comp.ape  # [B, K, rate, sw] each
     done = step.end // rate  # windows closed after the step
     states = [row(done[:, None] * rate + arange(rate - 1))]  # pending: the open window's rows
     if comp.overlap:  # slots: the previous window's first series, then this window's second series
-        carry = comp.carry[step.slots]  # [B, rate, 2 w]: window first - 1's first series
-        carry_gate = (carry[..., w:] + comp.ape[:, :w]).masked_fill((first == 0)[:, None, None], float("-inf"))
-        prev_kv = torch.cat([carry[:, None, :, :w], kv[:, :-1, :, :w]], dim=1)  # [B, K, rate, w]
-        prev_gate = torch.cat([carry_gate[:, None], gate[:, :-1, :, :w]], dim=1)
-        kv, gate = torch.cat([prev_kv, kv[..., w:]], dim=2), torch.cat([prev_gate, gate[..., w:]], dim=2)
-        last = take(seq.flatten(2), (done - 1 - first).clamp(min=0)[:, None]).view(B, rate, 2 * sw)  # last closed window
-        closed = torch.cat([last[..., :w], last[..., sw : sw + w]], dim=-1)
-        states.append(torch.where((done > first)[:, None, None], closed, carry))
+        prev = row(spans - rate).view(B, K, rate, 2 * sw)
+        prev_gate = (prev[..., sw : sw + w] + comp.ape[:, :w]).masked_fill((windows == 0)[..., None, None], float("-inf"))
+        kv = torch.cat([prev[..., :w], kv[..., w:]], dim=2)  # [B, K, 2 rate, w]
+        gate = torch.cat([prev_gate, gate[..., w:]], dim=2)
+        last = row((done[:, None] - 1) * rate + arange(rate))  # the last closed window (may be the carried one)
+        states.append(torch.cat([last[..., :w], last[..., sw : sw + w]], dim=-1))
     pooled = comp.norm((kv * gate.softmax(dim=2).to(kv.dtype)).sum(dim=2))  # [B, K, w]
     cos, sin = rope(windows.flatten() * rate)
     entries = v4.rope_tail(comp.ops, pooled.view(B * K, w), cos, sin).view(B, K, w)

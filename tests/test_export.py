@@ -65,7 +65,7 @@ class OnnxStepper(Stepper):
 
 
 # new tokens per sequence and step: prompts of different lengths (one prefill group, padded), chunks beside
-# decodes (in the prefill graph), decodes, more chunks; 47, 33 and 24 tokens in all, past V4's window of
+# decodes (in the prefill graph), decodes, more chunks; 47, 32 and 22 tokens in all, past V4's window of
 # 8 and several of its compressors' windows (4 and 8 tokens), and V3.2's top-6
 STEPS = ([13, 5, 2], [3, 11, 1], [1, 1, 1], [6, 1, 9], [1, 1, 1], [1, 1, 1], [17, 9, 4], [1, 1, 1], [1, 1, 1], [3, 1, 1])
 
