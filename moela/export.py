@@ -20,8 +20,9 @@ indexer's keys), read only: the graph returns the new rows (kv_cache.N.new) and 
 at their slots, so no step copies the cache. V4's layers (moela/export_v4.py) cache per sequence too:
 those graphs also take seq_slots [B] (and, prefill, lengths [B]: each sequence's real rows), read each
 per-sequence cache at the slots and return its updated state [B, entries, width]. Weights are stored
-once, in weights.data beside the graphs (ONNX external data that both graphs reference). manifest.json records the dtype, opset, caches and graph signatures; the model's config.json and
-tokenizer files are copied beside them, so the directory is a model directory for `--runtime onnx`.
+once, in weights.data beside the graphs (ONNX external data that both graphs reference). manifest.json
+records the dtype, opset, caches and graph signatures; the model's config.json and tokenizer files are
+copied beside them, so the directory is a model directory for `--runtime onnx`.
 """
 
 import argparse
@@ -43,7 +44,6 @@ from moela.config import DTYPES, HelpFormatter, ModelConfig, model_dir
 from moela.errors import MoelaError
 from moela.loader import load_model
 from moela.models import StepContext, Transformer
-from moela.models.context import CacheSpec
 from moela.models.layers import OpsModule
 from moela.ops import export as export_ops
 from moela.tokenizer import TOKENIZER_FILES
@@ -77,8 +77,9 @@ class StepGraph(nn.Module):
         for (layer, name), cache in zip(cache_names(model), caches):
             per_layer[layer][name] = cache
         model.attach_cache(per_layer)
-        paged = next(i for i, spec in enumerate(cache_specs(model)) if spec.paged)
-        ctx = StepContext.padded(positions, block_tables, caches[paged].shape[1] * cache_specs(model)[paged].tokens_per_entry)
+        specs = [spec for layer in model.cache_specs() for spec in layer]
+        paged = next(i for i, spec in enumerate(specs) if spec.paged)  # its entries per block give the block size
+        ctx = StepContext.padded(positions, block_tables, caches[paged].shape[1] * specs[paged].tokens_per_entry)
         if seq_slots is not None:  # per-sequence caches (V4): moela/export_v4.py reads these
             ctx.seq_slots, ctx.plans["lengths"] = seq_slots, torch.ones_like(seq_slots) if lengths is None else lengths
         hidden = model(tokens.flatten(), ctx.positions, ctx)  # [B*S, H]
@@ -93,11 +94,6 @@ class StepGraph(nn.Module):
 def cache_names(model: Transformer) -> list[tuple[int, str]]:
     """(layer, CacheSpec name) of every cache tensor, in graph input order."""
     return [(i, spec.name) for i, specs in enumerate(model.cache_specs()) for spec in specs]
-
-
-def cache_specs(model: Transformer) -> list[CacheSpec]:
-    """Every cache's spec, in graph input order."""
-    return [spec for specs in model.cache_specs() for spec in specs]
 
 
 def example_inputs(model: Transformer, decode: bool) -> tuple[tuple, tuple, list[str], list[str]]:

@@ -135,6 +135,19 @@ def test_manifest_weights_and_tokenizer(exported):
         assert big and all(entry.value == "weights.data" for t in big for entry in t.external_data if entry.key == "location")
 
 
+def test_v4_graphs_take_the_sequences_slots_and_return_their_state(exported):
+    _, out = exported("v4")
+    manifest = json.loads((out / "manifest.json").read_text())
+    prefill, decode = manifest["graphs"]["prefill"], manifest["graphs"]["decode"]
+    assert prefill["inputs"][:6] == ["tokens", "positions", "block_tables", "logit_rows", "seq_slots", "lengths"]
+    assert decode["inputs"][:4] == ["tokens", "positions", "block_tables", "seq_slots"]
+    assert manifest["caches"][2] == [  # the HCA layer: its window ring, its compressor's entries and pending rows
+        {"name": "window_cache", "kind": "window", "width": 32, "tokens_per_entry": 1, "entries_per_sequence": 8},
+        {"name": "compressor.entries", "kind": "hca", "width": 32, "tokens_per_entry": 8, "entries_per_sequence": 0},
+        {"name": "compressor.pending", "kind": "hca pending", "width": 64, "tokens_per_entry": 1, "entries_per_sequence": 7}]
+    assert decode["outputs"][1:4] == ["window_cache.0.new", "window_cache.1.new", "compressor.entries.1.new"]
+
+
 def test_missing_provider_falls_back_to_the_cpu_with_one_warning(exported, caplog):
     _, out = exported("v2")
     with caplog.at_level(logging.WARNING, logger="moela"):
