@@ -94,7 +94,8 @@ def window(attn: v4.Attention, kv: torch.Tensor, step: Step) -> tuple[torch.Tens
     return keys, key_pos, [take(keys, torch.where(after < step.start[:, None], entry, W + after - step.start[:, None]))]
 
 
-def compress(comp: v4.Compressor, x: torch.Tensor, step: Step, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def compress(comp: v4.Compressor, x: torch.Tensor, step: Step,
+             rope: Rope) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """v4.Compressor.forward on a padded step: (the sequence's entries [B, E + K, width], its cached ones
     then the step's K windows; their entry numbers [B, E + K], -1 for block rows not cached yet; [the
     step's entries [B, K, width], the updated pending rows, and (CSA) carry])."""

@@ -90,8 +90,8 @@ def test_greedy_tokens_equal_the_torch_engine(exported, variant):
     outs = {}
     layout = engine_for(src).layout
     for runtime, path in (("torch", src), ("onnx", out)):  # 160 tokens' blocks (V4: 8 sequences' state too): preemption
-        engine = engine_for(path, runtime=runtime, skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=24, max_num_seqs=8,
-                            kv_cache_memory=layout.bytes_per_token * 160 + 8 * layout.fixed_bytes_per_sequence)
+        engine = engine_for(path, runtime=runtime, skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=24,
+                            max_num_seqs=8, kv_cache_memory=layout.bytes_per_token * 160 + 8 * layout.fixed_bytes_per_sequence)
         ids = [engine.add_request(p, GREEDY) for p in ps]
         done = {}
         while engine.has_unfinished():

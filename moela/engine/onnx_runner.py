@@ -123,7 +123,8 @@ class OnnxRunner:
         self.sessions, self.weights = start_sessions(path, provider, torch.get_num_threads())
         self.provider = self.sessions["decode"].get_providers()[0]
         self.caches = layout.allocate(num_blocks, num_slots, torch.device("cpu"))
-        self.inputs = [(f"{spec.name}.{i}", spec, self.caches[i][spec.name]) for i, specs in enumerate(layout.specs) for spec in specs]
+        self.inputs = [(f"{spec.name}.{i}", spec, self.caches[i][spec.name])  # graph input name, spec, tensor
+                       for i, specs in enumerate(layout.specs) for spec in specs]
         self.feeds = {name: {i.name for i in session.get_inputs()} for name, session in self.sessions.items()}
 
     def execute(self, batch: list[tuple[Sequence, int]], all_rows: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -174,7 +175,8 @@ class OnnxRunner:
         return logits
 
 
-def store(spec: CacheSpec, cache: torch.Tensor, written: torch.Tensor, seqs: list[tuple[Sequence, int]], starts: list[int]) -> None:
+def store(spec: CacheSpec, cache: torch.Tensor, written: torch.Tensor, seqs: list[tuple[Sequence, int]],
+          starts: list[int]) -> None:
     """Write one cache's graph output. A per-sequence kind: each sequence's whole state at its slot. A paged
     kind: per sequence, K entries from the one its first new row falls in (K = the new rows for a
     per-token kind, one per `tokens_per_entry` otherwise), of which the step's real rows completed the

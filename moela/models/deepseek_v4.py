@@ -145,7 +145,8 @@ class Indexer(OpsModule):
             picks.append(best.indices.masked_fill(best.values == float("-inf"), -1))
         return picks
 
-    def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries [T, H, D], their per-head weights [T, H] fp32)."""
         q = rope_tail(self.ops, self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim), cos, sin)
         return q, self.weights_proj(x).float() * self.n_heads**-0.5
