@@ -1,4 +1,4 @@
-"""`moela convert`: DeepSeek-V2/V3-architecture checkpoints between HF safetensors names and the MCore
+"""`moela convert`: DeepSeek-V2/V3/V3.2-architecture checkpoints between HF safetensors names and the MCore
 names MindSpore Transformers (mindformers) loads, both ways; HF -> mindformers -> HF gives back every
 tensor bit for bit.
 
@@ -13,6 +13,7 @@ tensor bit for bit.
 | mlp.gate_proj + up_proj, down_proj (dense layers, shared experts) | mlp.linear_fc1 (gate and up rows interleaved), linear_fc2 |
 | mlp.gate.weight, mlp.gate.e_score_correction_bias | mlp.router.weight, mlp.router.expert_bias (fp32) |
 | mlp.experts.E.gate_proj + up_proj, down_proj | mlp.experts.weight1 [E*hidden, 2*inter] (expert e: [gate; up]^T), weight2 [E*inter, hidden] |
+| self_attn.indexer.wq_b, wk, k_norm, weights_proj (V3.2) | self_attention.core_attention.indexer.linear_wq_b, linear_wk, k_norm, linear_weights_proj |
 
 model.embed_tokens, model.norm and lm_head are embedding.word_embeddings, decoder.final_layernorm and
 output_layer. A multi-token-prediction layer (HF layer num_hidden_layers + K) becomes mtp.layers.K:
@@ -40,6 +41,7 @@ from moela.errors import CheckpointError, MoelaError
 from moela.loader import checkpoint_files, dequantize_fp8
 from moela.tokenizer import TOKENIZER_FILES
 
+CONVERTIBLE = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32")
 TOP = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "model.norm.weight": "decoder.final_layernorm.weight",
        "lm_head.weight": "output_layer.weight"}
 LAYER = {  # plain renames inside a layer: HF -> mindformers
@@ -56,6 +58,9 @@ LAYER = {  # plain renames inside a layer: HF -> mindformers
     "mlp.gate.weight": "mlp.router.weight", "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
     "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
     "shared_head.norm.weight": "final_layernorm.weight",
+    **{f"self_attn.indexer.{hf}": f"self_attention.core_attention.indexer.{ms}"  # V3.2's lightning indexer
+       for hf, ms in (("wq_b.weight", "linear_wq_b.weight"), ("wk.weight", "linear_wk.weight"), ("k_norm.weight", "k_norm.weight"),
+                      ("k_norm.bias", "k_norm.bias"), ("weights_proj.weight", "linear_weights_proj.weight"))},
 }
 FUSED = {"mlp.": "mlp.linear_fc1.weight", "mlp.shared_experts.": "mlp.shared_experts.linear_fc1.weight"}  # gate + up
 MTP_ONLY = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")  # outside transformer_layer
@@ -188,9 +193,9 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such checkpoint directory")
     cfg = ModelConfig.from_pretrained(src)
-    if cfg.model_type not in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
-        raise CheckpointError(f"{src}: model_type {cfg.model_type!r} has no mindformers name table here (DeepSeek-V2/V3 "
-                              f"architecture only)")
+    if cfg.model_type not in CONVERTIBLE:
+        raise CheckpointError(f"{src}: model_type {cfg.model_type!r} has no mindformers name table here (convertible: "
+                              f"{', '.join(CONVERTIBLE)})")
     where = source_files(src, to)
     groups: dict[int | None, list[str]] = defaultdict(list)
     for name in where:
@@ -223,7 +228,7 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moela convert", formatter_class=HelpFormatter,
-                                description="Convert a DeepSeek-V2/V3-architecture checkpoint between HF safetensors names "
+                                description="Convert a DeepSeek-V2/V3/V3.2-architecture checkpoint between HF safetensors names "
                                             "and mindformers' MCore names (one file per layer, with an index).")
     p.add_argument("--to", required=True, choices=("mindformers", "hf"), help="the naming to write")
     p.add_argument("src", help="checkpoint directory to read (with its config.json)")

@@ -1,4 +1,4 @@
-"""`moela convert`: HF <-> mindformers (MCore names) on the tiny V2, V2-Lite and V3 checkpoints, round
+"""`moela convert`: HF <-> mindformers (MCore names) on the tiny V2, V2-Lite, V3 and V3.2 checkpoints, round
 trips bit for bit both ways, the mindformers layout itself, an MTP layer, and errors that name the tensor."""
 
 import json
@@ -34,7 +34,7 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3"])
+@pytest.mark.parametrize("variant", ["v2", "v2_lite", "v3", "v32"])
 def test_round_trips_are_exact_both_ways(hf_checkpoint, tmp_path, variant):
     src, _ = hf_checkpoint(variant)
     convert(src, tmp_path / "ms", "mindformers")
@@ -67,6 +67,18 @@ def test_mindformers_layout(hf_checkpoint, tmp_path):
     assert torch.equal(fc1[0::2], hf[p + "shared_experts.gate_proj.weight"]) and torch.equal(fc1[1::2], hf[p + "shared_experts.up_proj.weight"])
     assert ms[q + "router.expert_bias"].dtype == torch.float32 and torch.equal(ms[q + "router.weight"], hf[p + "gate.weight"])
     assert (tmp_path / "config.json").is_file() and len(json.loads((tmp_path / "param_name_map.json").read_text())) == len(ms)
+
+
+def test_v32_indexer_names(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint("v32")
+    hf = tensors(src)
+    convert(src, tmp_path, "mindformers")
+    ms = tensors(tmp_path)
+    p, q = "model.layers.1.self_attn.indexer.", "decoder.layers.1.self_attention.core_attention.indexer."
+    for ours, theirs in (("wq_b.weight", "linear_wq_b.weight"), ("wk.weight", "linear_wk.weight"), ("k_norm.weight", "k_norm.weight"),
+                         ("k_norm.bias", "k_norm.bias"), ("weights_proj.weight", "linear_weights_proj.weight")):
+        assert torch.equal(ms[q + theirs], hf[p + ours]), ours
+    assert not any(".indexer." in n and "core_attention" not in n for n in ms)
 
 
 def test_an_mtp_layer_maps_to_mtp_layers_and_back(hf_checkpoint, tmp_path):
