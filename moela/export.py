@@ -178,7 +178,7 @@ def onnx_moe(x, weights, indices, w13: list, w2: list, limit: float | None = Non
     shape = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[n_experts]), axis=0)
     routed = op.ScatterElements(op.ConstantOfShape(shape, value=ir.tensor([0.0])), indices, weights, axis=1)  # [T, E]
     routed = op.CastLike(op.Transpose(routed, perm=[1, 0]), x)  # [E, T]
-    out = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Shape(x))
+    out = op.Expand(op.Constant(value_float=0.0), op.Shape(x))  # fp32 sums: ONNX Runtime's CPU ScatterND adds no float16
     for e in range(n_experts):
         weight = op.Gather(routed, op.Constant(value_int=e), axis=0)  # [T]
         rows = op.Transpose(op.NonZero(weight), perm=[1, 0])  # [n, 1]: the tokens routed to e
@@ -187,8 +187,9 @@ def onnx_moe(x, weights, indices, w13: list, w2: list, limit: float | None = Non
             high, low = op.CastLike(op.Constant(value_float=limit), x), op.CastLike(op.Constant(value_float=-limit), x)
             g, u = op.Min(g, high), op.Clip(u, low, high)
         y = op.Gemm(op.Mul(op.Mul(g, op.Sigmoid(g)), u), w2[e], transB=1)  # [n, d]
-        out = op.ScatterND(out, rows, op.Mul(y, op.Unsqueeze(op.GatherND(weight, rows), [1])), reduction="add")
-    return out
+        y = op.CastLike(op.Mul(y, op.Unsqueeze(op.GatherND(weight, rows), [1])), out)
+        out = op.ScatterND(out, rows, y, reduction="add")
+    return op.CastLike(out, x)
 
 
 def save_graphs(graphs: dict, out: Path) -> None:

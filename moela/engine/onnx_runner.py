@@ -8,7 +8,8 @@ the engine (scheduler, paged cache bookkeeping, sampler) is the same as with the
 A step's decodes go through decode.onnx in one call; its prefill chunks through prefill.onnx, padded
 to the longest chunk of a group (chunks go in one group while padding at most doubles the rows).
 The caches are torch tensors on the host that ONNX Runtime reads in place (bound by address); each
-call returns the new rows of every cache, which are written at their slots here.
+call returns the new rows of every cache, which are written at their slots here, and (V4) each
+sequence's per-sequence state, written at the sequence's slot (`store`).
 
 `provider` is "cpu", "cuda" or "cann" (ONNX Runtime's CPU, CUDA and CANN execution providers). One
 that this onnxruntime lacks, or that fails to start, is reported once with the fallback taken: the CPU.
