@@ -101,6 +101,19 @@ def test_greedy_tokens_equal_the_torch_engine(exported, variant):
     assert outs["onnx"] == outs["torch"]
 
 
+def test_float16_graphs_run_on_the_cpu_provider(hf_checkpoint, tmp_path):
+    """float16 graphs (ONNX Runtime's CPU ScatterND has no float16 add: the experts' outputs are summed in fp32)
+    pick the fp32 PyTorch runner's tokens."""
+    src = hf_checkpoint("v2")[0]
+    assert export_main(["onnx", str(src), str(tmp_path), "--dtype", "float16"]) == 0
+    torch_steps, onnx_steps = Stepper(load_model(src, torch.float32), 3), OnnxStepper(tmp_path, 3)
+    rng = random.Random(1)
+    for lengths in STEPS[:3]:
+        new = [[rng.randrange(2, 128) for _ in range(n)] for n in lengths]
+        a, b = torch_steps.step([list(t) for t in new]), onnx_steps.step([list(t) for t in new])
+        assert (a - b).abs().max().item() < 0.1 and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_prompt_logprobs_through_the_prefill_graph(exported):
     src, out = exported("v2")
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
