@@ -22,6 +22,7 @@ import torch
 
 from moela.models import deepseek_v4 as v4
 from moela.models.layers import Rope
+from moela.ops.export import padded_topk
 
 
 @dataclass
@@ -140,14 +141,12 @@ def compress(comp: v4.Compressor, x: torch.Tensor, step: Step,
 def indexer_picks(ix: v4.Indexer, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   step: Step, rope: Rope) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """v4.Indexer.forward on a padded step: (each query's topk entries [B, S, topk], indices into compress's
-    entries, -1 where it sees fewer; the indexer compressor's new states). The scores gain topk columns of
-    -inf, so TopK's k is a constant whatever the context length."""
+    entries, -1 where it sees fewer; the indexer compressor's new states)."""
     (B, S), (keys, numbers, states) = step.positions.shape, compress(ix.compressor, x, step, rope)
     q, weights = ix.queries(x, q_resid, cos, sin)
     scores = ix.ops.index_scores(q.view(B, S, *q.shape[1:]), weights.view(B, S, -1), keys, ix.head_dim**-0.5)
     scores = scores.masked_fill(~visible(numbers, step.positions, ix.rate), float("-inf"))  # [B, S, E + K]
-    best = torch.cat([scores, scores.new_full((B, S, ix.topk), float("-inf"))], dim=2).topk(ix.topk, dim=-1)
-    return best.indices.masked_fill(best.values == float("-inf"), -1), states
+    return padded_topk(scores, ix.topk), states
 
 
 def visible(numbers: torch.Tensor, positions: torch.Tensor, rate: int) -> torch.Tensor:

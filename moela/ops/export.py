@@ -53,15 +53,19 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, ke
                  scale: float) -> torch.Tensor:
     """V3.2's lightning indexer on a padded step: each query's `topk` best visible keys by the reference's
     index_scores -> [B*S, topk], -1 where it sees fewer. The picks index step_rows (the table's cached
-    rows, then the new ones), not positions: sparse_latent_attention below reads the same rows. The
-    scores gain topk columns of -inf, so TopK's k is the constant topk whatever the context length.
+    rows, then the new ones), not positions: sparse_latent_attention below reads the same rows.
     q [B*S, H, D]; weights [B*S, H] fp32; keys [B*S, D]; cache [num_blocks, block_size, D]."""
     rows, visible = step_rows(cache, keys, ctx)  # [B, t + S, D], [B, S, t + S]
     (B, S, _), (T, H, D) = visible.shape, q.shape
     scores = index_scores(q.view(B, S, H, D), weights.view(B, S, H), rows, scale).masked_fill(~visible, float("-inf"))
-    scores = torch.cat([scores, scores.new_full((B, S, topk), float("-inf"))], dim=2)  # [B, S, t + S + topk]
-    best = scores.topk(topk, dim=-1)
-    return best.indices.masked_fill(best.values == float("-inf"), -1).view(T, topk)
+    return padded_topk(scores, topk).view(T, topk)
+
+
+def padded_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of the `topk` best of scores [..., n] (-inf = not visible), -1 past the visible ones. The
+    scores gain topk columns of -inf first, so TopK's k is the constant topk even where n < topk."""
+    best = torch.cat([scores, scores.new_full((*scores.shape[:-1], topk), float("-inf"))], dim=-1).topk(topk, dim=-1)
+    return best.indices.masked_fill(best.values == float("-inf"), -1)
 
 
 def sparse_latent_attention(q: torch.Tensor, cache: torch.Tensor, latent: torch.Tensor, indices: torch.Tensor, ctx,
