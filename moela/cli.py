@@ -18,7 +18,7 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from moela.config import DTYPES, HelpFormatter
+from moela.config import RUN_DTYPES, HelpFormatter
 
 from moela.engine.config import add_engine_args
 from moela.errors import MoelaError
@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; -1 = no limit")
     gen.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
     gen.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
-    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype")
+    gen.add_argument("--dtype", choices=RUN_DTYPES, default="auto",
+                     help="weight and cache dtype; auto: bfloat16 where the device computes in it natively, else float32")
     add_engine_args(gen)
     return parser
 

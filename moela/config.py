@@ -35,12 +35,28 @@ DTYPE_TABLE: dict[str, tuple[torch.dtype | None, float]] = {
     "bf16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "fp32": (torch.float32, 4),
     "fp8": (torch.float8_e4m3fn, 1), "int8": (torch.int8, 1), "int4": (None, 0.5)}
 DTYPES = {name: dtype for name, (dtype, _) in list(DTYPE_TABLE.items())[:6]}
+RUN_DTYPES = ("auto", *DTYPES)  # what --dtype and EngineConfig.dtype take: "auto" is resolve_dtype's choice
 # Weight-only quantization (LLM(quantization=...), --quantization): name -> format of
 # moela.ops.reference.QUANT_FORMATS. int8: one scale per output channel; int4: a scale and a zero
 # point per group of input channels.
 QUANTIZATIONS = {"int8": "int8", "int4": "int4-g128", "int4-g32": "int4-g32", "int4-g64": "int4-g64",
                  "int4-g128": "int4-g128"}
 DTYPE_BYTES = {name: float(size) for name, (_, size) in DTYPE_TABLE.items()}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A name of RUN_DTYPES as a torch dtype. "auto": bfloat16 where the device computes in it natively;
+    float32 on a CPU whose oneDNN has no bf16 instructions (AVX2-only x86, for one: there torch runs bf16
+    GEMMs in scalar code, ~100x slower than fp32, and cannot pack bf16 weights) and float16 on a CUDA
+    device older than Ampere."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
 
 # Defaults of HF's DeepseekV2Config / DeepseekV3Config for fields a config.json may omit.
 _V2_DEFAULTS = dict(

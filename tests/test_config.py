@@ -132,3 +132,24 @@ def test_every_engine_flag_reaches_the_engine_config():
     assert set(passed) == {a.dest for a in parser._actions if a.dest != "help"}
     assert set(passed) <= {f.name for f in fields(EngineConfig)}
     assert (passed["quantization"], passed["backend"], passed["tensor_parallel_size"]) == ("int8", "reference", 2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, native):
+    """An AVX2-only CPU runs torch's bf16 GEMMs in scalar code and cannot pack bf16 weights for oneDNN:
+    there "auto" is float32 and the cpu backend says why it cannot run."""
+    import torch
+
+    from moela import ops
+    from moela.config import resolve_dtype
+    from moela.engine.config import EngineConfig
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert EngineConfig().torch_dtype == resolve_dtype("auto", cpu)
+    assert resolve_dtype("bf16", cpu) == EngineConfig(dtype="bfloat16").torch_dtype == torch.bfloat16
+    reason = ops.why_unavailable("cpu", cpu, torch.bfloat16)
+    if torch.backends.mkldnn.is_available():
+        assert (reason is None) == native
+        assert native or "no bf16 instructions" in reason

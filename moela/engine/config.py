@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moela.config import DTYPES, QUANTIZATIONS, ModelConfig
+from moela.config import QUANTIZATIONS, RUN_DTYPES, ModelConfig, resolve_dtype
 from moela.ops import BACKENDS, load_device
 
 RUNTIMES = ("torch", "onnx")  # torch: moela's model and backends; onnx: graphs from `moela export onnx` on ONNX Runtime
@@ -73,7 +73,7 @@ class SpeculativeConfig:
 @dataclass
 class EngineConfig:
     model: str | Path | None = None  # None: the embedded default model
-    dtype: str = "bfloat16"  # a key of DTYPES
+    dtype: str = "auto"  # a name of RUN_DTYPES; "auto": bfloat16 where the device computes in it natively
     device: str = "cpu"  # any device torch and the reference backend support ("cuda", "cuda:1", "npu" with torch_npu, ...)
     backend: str = "auto"  # "auto": the fastest backend for the device and dtype; or a name in moela.ops.BACKENDS
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -100,8 +100,8 @@ class EngineConfig:
         if self.threads not in (None, "auto") and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                                    or self.threads < 1):
             raise ValueError(f"threads = {self.threads!r} is invalid: must be 'auto', an integer >= 1 or None")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+        if self.dtype not in RUN_DTYPES:
+            raise ValueError(f"dtype = {self.dtype!r} is invalid: must be one of {', '.join(RUN_DTYPES)}")
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend = {self.backend!r} is invalid: must be 'auto' or one of {', '.join(BACKENDS)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -156,7 +156,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, torch.device(self.device))
 
     @property
     def quant_format(self) -> str | None:

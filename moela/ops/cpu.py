@@ -71,6 +71,9 @@ def available(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"it runs on the CPU, not {device}"
     if dtype != torch.bfloat16:
         return f"it packs bfloat16 weights, not {dtype}"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ("this CPU has no bf16 instructions for oneDNN (AVX512-BF16, AMX or AVX-NE-CONVERT): "
+                "run in float32 (dtype 'auto' does)")
     return None
 
 

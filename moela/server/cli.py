@@ -21,7 +21,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from moela.config import DTYPES, HelpFormatter
+from moela.config import RUN_DTYPES, HelpFormatter
 
 from moela.engine.config import add_engine_args
 from moela.server.app import REASONING_PARSERS, ServerConfig, build_app
@@ -55,7 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="context length served (default and upper bound: the model's max_position_embeddings)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: max-num-seqs full "
                    "contexts, at most a quarter of memory)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default="auto",
+                   help="weight and cache dtype; auto: bfloat16 where the device computes in it natively, else float32")
     add_engine_args(p)
     p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS (none by default)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
