@@ -5,7 +5,8 @@ evaluated on when trained (the files of this Python's standard library that `moe
     python bench/quant_quality.py --windows 40          # a quick look
 
 For each format: held-out perplexity, and the mean per-token KL divergence KL(bf16 || quantized) of
-the next-token distributions, both models run by the cpu backend (bf16 activations, as served).
+the next-token distributions, both models run in bf16 by one backend (`--backend`; auto: the cpu
+backend, as served, where the CPU has bf16 instructions, else the reference).
 """
 
 import argparse
@@ -47,11 +48,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (the model was trained on 256)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--backend", default="auto", help="kernels of both models (auto: the engine's choice for bf16)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     start = time.perf_counter()
     windows = heldout_windows(args.seq_len)[: args.windows]
-    backend = ops.select("cpu", torch.device("cpu"), torch.bfloat16)
+    backend = ops.select(args.backend, torch.device("cpu"), torch.bfloat16)
     models = {}
     for fmt in ["bf16", *args.formats]:
         quant = None if fmt == "bf16" else fmt
@@ -74,7 +76,7 @@ def main() -> None:
         r["perplexity_vs_bf16"] = r["perplexity"] / results["bf16"]["perplexity"] - 1
         print(f"{fmt:>10} {r['perplexity']:>11.3f} {r['perplexity_vs_bf16']:>+8.2%} {r['mean_kl']:>10.2e} "
               f"{r['weight_bytes'] / 2**20:>12.2f}")
-    record.write(args.out, "quant_quality", None, {"windows": len(windows), "tokens": tokens,
+    record.write(args.out, "quant_quality", None, {"backend": backend.name, "windows": len(windows), "tokens": tokens,
                                                     "wall_s": time.perf_counter() - start, "results": results})
 
 

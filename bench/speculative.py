@@ -51,7 +51,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median is reported)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--dtype", default="bfloat16", help="weight and cache dtype")
+    p.add_argument("--dtype", default="auto", help="weight and cache dtype (auto: as the engine's default)")
     p.add_argument("--backend", default="auto", help="kernels")
     p.add_argument("--threads", default="1", help="CPU threads: a number or auto")
     args = p.parse_args()
