@@ -215,7 +215,7 @@ def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts:
     if not args.corpus:
         facts["corpus_desc"] = (f"the Python {platform.python_version()} standard library source (`{args.glob}` files "
                                 f"under `{data.stdlib_dir()}`, skipping {', '.join(f'`{e}`' for e in args.exclude)})")
-    llm = LLM(model=args.out, dtype="bfloat16", max_num_seqs=1)  # what `moela generate` runs
+    llm = LLM(model=args.out, max_num_seqs=1)  # what `moela generate` runs (dtype auto)
     room = trainer.cfg.max_position_embeddings - len(llm.get_tokenizer().encode(args.sample_prompt))
     sample = llm.generate([args.sample_prompt], SamplingParams(temperature=0, max_tokens=min(96, room)))[0].outputs[0].text
     last = [r[1] for r in trainer.history["train"][-20:]]
