@@ -114,7 +114,7 @@ def _pack_codes(q: QuantizedWeight) -> Int8Weight | Int4Weight:
     if q.group_size is None:
         return Int8Weight(q.codes, q.scales.bfloat16())
     scales_zeros = torch.stack([q.scales, q.mins + 8 * q.scales], dim=-1).transpose(0, 1)  # [groups, out, 2]
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.int(), 1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.int4_codes().int(), 1)
     return Int4Weight(packed, scales_zeros.bfloat16().contiguous(), q.group_size)
 
 

@@ -22,8 +22,9 @@ QUANT_FORMATS = {"int8": (8, None), "int4-g32": (4, 32), "int4-g64": (4, 64), "i
 @dataclass
 class QuantizedWeight:
     """A [out, in] weight as integer codes, weight-only. int8: codes int8 [out, in], one scale per row,
-    w = code * scale. int4: codes 0..15 (uint8) [out, in], a scale and a minimum per row and group of
-    `group_size` inputs ([out, in / group_size]), w = code * scale + min. Scales and minimums are fp32."""
+    w = code * scale. int4: codes 0..15 two to a byte (an even input's in the low nibble, uint8
+    [out, in / 2]), a scale and a minimum per row and group of `group_size` inputs ([out, in / group_size]),
+    w = code * scale + min. Scales and minimums are fp32."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -32,13 +33,18 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        out, width = self.codes.shape
+        return torch.Size((out, width if self.group_size is None else 2 * width))
+
+    def int4_codes(self) -> torch.Tensor:
+        """An int4 weight's codes one to a byte: uint8 [out, in]."""
+        return torch.stack([self.codes & 15, self.codes >> 4], dim=-1).flatten(-2)  # [out, in / 2, 2] -> [out, in]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.group_size is None:
             return (self.codes.float() * self.scales[:, None]).to(dtype)
-        out, inp = self.codes.shape
-        codes = self.codes.view(out, inp // self.group_size, self.group_size).float()  # [out, groups, group]
+        out, inp = self.shape
+        codes = self.int4_codes().view(out, inp // self.group_size, self.group_size).float()  # [out, groups, group]
         return (codes * self.scales[..., None] + self.mins[..., None]).view(out, inp).to(dtype)
 
 
@@ -68,8 +74,8 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
     w = w.view(out, inp // group, group)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
     scales = ((hi - lo) / 15).clamp(min=1e-12)
-    codes = w.sub_(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    return QuantizedWeight(codes.view(out, inp), scales, lo, group)
+    codes = w.sub_(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(out, inp)
+    return QuantizedWeight(codes[:, 0::2] | codes[:, 1::2] << 4, scales, lo, group)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
