@@ -5,7 +5,8 @@ tokenizers compare fairly.
     python bench/heldout_bpb.py moela/assets/default-model /tmp/old-default-model --name new --name old
 
 The held-out files are those `moela train` holds out of its default corpus (this Python's standard
-library `*.py`, 2% of the files chosen by a hash of their path). Each model reads them as training
+library `*.py`, 2% of the files chosen by a hash of their path), as they are and without their
+docstrings (as `moela train --strip-docstrings` reads them). Each model reads them as training
 packed them (`<bos> text <eos>` back to back, windows of --seq-len tokens overlapping by one, the
 tail window padded), in fp32; bits per byte = the summed next-token loss in bits over the UTF-8
 bytes of the files. Writes bench/results/heldout-bpb-<date>.json.
@@ -70,21 +71,23 @@ def main() -> int:
         p.error(f"{len(names)} --name for {len(args.models)} models")
     torch.manual_seed(0)
     _, files = data.split_files(data.find_files([data.stdlib_dir()]), args.holdout)
-    texts = data.read_texts(files)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"{len(texts)} held-out files, {n_bytes:,} bytes", flush=True)
-    rows = []
-    for name, path in zip(names, args.models):
-        bits, n_tokens = nll_bits(path, texts, args.seq_len, args.batch)
-        rows.append({"model": name, "path": str(path), "bits_per_byte": bits / n_bytes, "tokens": n_tokens,
-                     "bytes_per_token": n_bytes / n_tokens, "nats_per_token": bits * math.log(2) / n_tokens})
-        print(f"{name}: {bits / n_bytes:.4f} bits/byte ({n_tokens:,} tokens, {rows[-1]['nats_per_token']:.3f} nats/token)",
-              flush=True)
+    rows, sizes = [], {}
+    for text_kind, keep in (("files", True), ("files without docstrings", False)):
+        texts = data.read_texts(files, docstrings=keep)
+        n_bytes = sizes[text_kind] = sum(len(t.encode("utf-8")) for t in texts)
+        print(f"{len(texts)} held-out files as {text_kind}: {n_bytes:,} bytes", flush=True)
+        for name, path in zip(names, args.models):
+            bits, n_tokens = nll_bits(path, texts, args.seq_len, args.batch)
+            rows.append({"model": name, "path": str(path), "text": text_kind, "bits_per_byte": bits / n_bytes,
+                         "tokens": n_tokens, "bytes_per_token": n_bytes / n_tokens,
+                         "nats_per_token": bits * math.log(2) / n_tokens})
+            print(f"{name} on {text_kind}: {bits / n_bytes:.4f} bits/byte ({n_tokens:,} tokens, "
+                  f"{rows[-1]['nats_per_token']:.3f} nats/token)", flush=True)
     date = datetime.date.today().isoformat()
     out = Path(__file__).parent / "results" / f"heldout-bpb-{date}.json"
     out.write_text(json.dumps({"command": "python bench/heldout_bpb.py " + " ".join(sys.argv[1:]), "date": date,
                                "machine": f"{platform.machine()}, {platform.platform()}", "python": platform.python_version(),
-                               "heldout_files": len(texts), "heldout_bytes": n_bytes, "seq_len": args.seq_len,
+                               "heldout_files": len(texts), "heldout_bytes": sizes, "seq_len": args.seq_len,
                                "heldout_file_names": [f.rel for f in files],
                                "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")

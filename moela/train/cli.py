@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--corpus", type=Path, action="append", help="file or directory (repeatable; default: this Python's stdlib)")
     p.add_argument("--glob", default="*.py", help="file pattern inside corpus directories")
     p.add_argument("--exclude", action="append", default=list(data.DEFAULT_EXCLUDE), help="relative-path pattern to skip (repeatable)")
+    p.add_argument("--strip-docstrings", action="store_true",
+                   help="drop the docstrings of .py files, training and held-out alike (comments stay): after a `def` comes code")
     p.add_argument("--holdout", type=float, default=0.02, help="fraction of files held out for evaluation")
     p.add_argument("--vocab-size", type=int, default=6144, help="tokens of the byte-level BPE trained on the corpus")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
@@ -128,7 +130,8 @@ def prepare(args: argparse.Namespace, tc: TrainConfig, rank: int) -> tuple[dict,
     say(rank, f"reading {args.glob} files under {', '.join(map(str, roots))} ...")
     files = data.find_files(roots, args.glob, tuple(args.exclude))
     train_files, heldout_files = data.split_files(files, args.holdout)
-    train_texts, heldout_texts = data.read_texts(train_files), data.read_texts(heldout_files)
+    keep = not args.strip_docstrings
+    train_texts, heldout_texts = data.read_texts(train_files, keep), data.read_texts(heldout_files, keep)
     tok = load_tokenizer(args, train_texts, rank, cfg.max_position_embeddings)
     arch |= {"vocab_size": tok.get_vocab_size(), "bos_token_id": tok.token_to_id(data.BOS),
              "eos_token_id": tok.token_to_id(data.EOS)}
@@ -139,7 +142,7 @@ def prepare(args: argparse.Namespace, tc: TrainConfig, rank: int) -> tuple[dict,
     except data.CorpusError:
         log.warning("held-out files hold less than one sequence: no held-out evaluation")
     facts = {"corpus_desc": ", ".join(map(str, roots)), "n_train_files": len(train_texts),
-             "n_heldout_files": len(heldout_texts), "fingerprint": data.fingerprint(train_files)}
+             "n_heldout_files": len(heldout_texts), "fingerprint": data.fingerprint(train_files, keep)}
     return arch, tok, windows, facts
 
 
@@ -215,6 +218,8 @@ def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts:
     if not args.corpus:
         facts["corpus_desc"] = (f"the Python {platform.python_version()} standard library source (`{args.glob}` files "
                                 f"under `{data.stdlib_dir()}`, skipping {', '.join(f'`{e}`' for e in args.exclude)})")
+    if args.strip_docstrings:
+        facts["corpus_desc"] += ", docstrings stripped (`--strip-docstrings`)"
     llm = LLM(model=args.out, max_num_seqs=1)  # what `moela generate` runs (dtype auto)
     room = trainer.cfg.max_position_embeddings - len(llm.get_tokenizer().encode(args.sample_prompt))
     sample = llm.generate([args.sample_prompt], SamplingParams(temperature=0, max_tokens=min(96, room)))[0].outputs[0].text
@@ -232,6 +237,7 @@ def card_facts(args: argparse.Namespace, trainer: Trainer, windows: dict, facts:
         "precision": tc.precision, "mtp_weight": tc.mtp_weight, "bias_update_speed": tc.bias_update_speed,
         "balance_alpha": tc.balance_alpha, "train_loss": sum(last) / max(1, len(last)),
         "sample_prompt": args.sample_prompt, "sample": sample,
+        "sample_dtype": str(llm.engine.model.embed.weight.dtype).removeprefix("torch."), "sample_backend": llm.engine.backend.name,
     }
 
 

@@ -12,6 +12,7 @@ held-out split is by file, from a hash of the file's path relative to its corpus
 every machine and independent of which other files exist.
 """
 
+import ast
 import hashlib
 import json
 import sysconfig
@@ -89,22 +90,59 @@ def split_files(files: list[SourceFile], holdout: float) -> tuple[list[SourceFil
     return train, heldout
 
 
-def read_texts(files: list[SourceFile]) -> list[str]:
-    """File contents; files that are not UTF-8 or are empty are left out."""
+def read_texts(files: list[SourceFile], docstrings: bool = True) -> list[str]:
+    """File contents; files that are not UTF-8 or are empty are left out. docstrings=False: `.py` files
+    go through strip_docstrings."""
     texts = []
     for f in files:
         try:
             text = f.path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
+        if not docstrings and f.rel.endswith(".py"):
+            text = strip_docstrings(text)
         if text.strip():
             texts.append(text)
     return texts
 
 
-def fingerprint(files: list[SourceFile]) -> str:
-    """Identity of a file list (names and sizes), stored in checkpoints to catch a changed corpus on resume."""
-    h = hashlib.sha256()
+def strip_docstrings(source: str) -> str:
+    """Python source without its module, class and function docstrings: each docstring's lines go,
+    and a body that was only a docstring becomes `pass`. Comments and every other line stay as they
+    are. A docstring that shares a line with other code, and a file that does not parse, stay whole."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    lines = source.splitlines(keepends=True)
+    edits = {}  # first line index -> (last line index, replacement)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not body:
+            continue
+        doc = body[0]
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            continue
+        first, last = doc.lineno - 1, doc.end_lineno - 1
+        if lines[first][: doc.col_offset].strip() or lines[last][doc.end_col_offset :].strip():
+            continue
+        edits[first] = (last, [] if len(body) > 1 else [lines[first][: doc.col_offset] + "pass\n"])
+    out, i = [], 0
+    while i < len(lines):
+        if i in edits:
+            last, replacement = edits[i]
+            out += replacement
+            i = last + 1
+        else:
+            out.append(lines[i])
+            i += 1
+    return "".join(out)
+
+
+def fingerprint(files: list[SourceFile], docstrings: bool = True) -> str:
+    """Identity of a file list (names and sizes) as read_texts reads it, stored in checkpoints to catch a
+    changed corpus on resume."""
+    h = hashlib.sha256(b"" if docstrings else b"strip-docstrings\n")
     for f in files:
         h.update(f"{f.rel}\0{f.path.stat().st_size}\n".encode())
     return h.hexdigest()[:16]

@@ -114,7 +114,8 @@ Run from the repository root; {f['hardware']}. Data order and initialization dep
 
 ## Sample
 
-`moela generate{'' if f['is_default'] else ' --model ' + str(f['out'])} "{f['sample_prompt']}"` (greedy, up to 96 tokens):
+`moela generate{'' if f['is_default'] else ' --model ' + str(f['out'])} --temperature 0 "{f['sample_prompt']}"` (greedy, up to 96
+tokens, {f['sample_dtype']} on the {f['sample_backend']} backend):
 
 ```python
 {f['sample_prompt']}{f['sample']}
