@@ -72,3 +72,25 @@ def test_read_texts_skips_non_utf8_and_empty(tmp_path):
     (tmp_path / "b.py").write_text("")
     (tmp_path / "c.py").write_text("y = 2\n")
     assert data.read_texts(data.find_files([tmp_path])) == ["y = 2\n"]
+
+
+def test_strip_docstrings_drops_docstrings_and_keeps_code_and_comments():
+    source = ('"""Module."""\nimport os\n\n\nclass A:\n    """Class\n    doc."""\n\n'
+              '    def f(self, n):\n        r"""One line."""\n        # why\n        return n  # keep\n\n'
+              '    async def g(self):\n        """Only a docstring."""\n\n\n'
+              'def h(): "same line"; return 1\n\n\ndef k():\n    """Doc."""  # a comment after it\n    x = """not a docstring"""\n')
+    out = data.strip_docstrings(source)
+    assert out == ('import os\n\n\nclass A:\n\n    def f(self, n):\n        # why\n        return n  # keep\n\n'
+                   '    async def g(self):\n        pass\n\n\n'
+                   'def h(): "same line"; return 1\n\n\ndef k():\n    """Doc."""  # a comment after it\n    x = """not a docstring"""\n')
+    compile(out, "<stripped>", "exec")  # still Python
+    assert data.strip_docstrings("def broken(:\n    '''doc'''\n") == "def broken(:\n    '''doc'''\n"  # unparsable: whole
+
+
+def test_read_texts_without_docstrings_and_its_fingerprint(tmp_path):
+    (tmp_path / "a.py").write_text('def f():\n    """Doc."""\n    return 1\n')
+    (tmp_path / "b.txt").write_text('"""not Python"""\n')
+    files = data.find_files([tmp_path], "*")
+    assert data.read_texts(files, docstrings=False) == ["def f():\n    return 1\n", '"""not Python"""\n']
+    assert data.read_texts(files) == ['def f():\n    """Doc."""\n    return 1\n', '"""not Python"""\n']
+    assert data.fingerprint(files, docstrings=False) != data.fingerprint(files)  # resuming with the other reading fails
