@@ -3,6 +3,7 @@ evaluated on when trained (the files of this Python's standard library that `moe
 
     python bench/quant_quality.py                       # every held-out window; int8, int4 (g32, g64, g128)
     python bench/quant_quality.py --windows 40          # a quick look
+    python bench/quant_quality.py --strip-docstrings    # the held-out files as the embedded model was trained
 
 For each format: held-out perplexity, and the mean per-token KL divergence KL(bf16 || quantized) of
 the next-token distributions, both models run in bf16 by one backend (`--backend`; auto: the cpu
@@ -27,11 +28,11 @@ import record  # bench/record.py
 FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128")
 
 
-def heldout_windows(seq_len: int) -> torch.Tensor:
+def heldout_windows(seq_len: int, docstrings: bool) -> torch.Tensor:
     """[N, seq_len + 1] token windows of the held-out stdlib files, tokenized as in training."""
     _, heldout = data.split_files(data.find_files([data.stdlib_dir()]), holdout=0.02)
     tok = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
-    return data.pack(tok, data.read_texts(heldout), seq_len).long()
+    return data.pack(tok, data.read_texts(heldout, docstrings), seq_len).long()
 
 
 @torch.no_grad()
@@ -47,12 +48,13 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=None, help="held-out windows to score (default: all)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (the model was trained on 256)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward")
+    p.add_argument("--strip-docstrings", action="store_true", help="score the files without docstrings")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     p.add_argument("--backend", default="auto", help="kernels of both models (auto: the engine's choice for bf16)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     start = time.perf_counter()
-    windows = heldout_windows(args.seq_len)[: args.windows]
+    windows = heldout_windows(args.seq_len, not args.strip_docstrings)[: args.windows]
     backend = ops.select(args.backend, torch.device("cpu"), torch.bfloat16)
     models = {}
     for fmt in ["bf16", *args.formats]:
@@ -76,7 +78,8 @@ def main() -> None:
         r["perplexity_vs_bf16"] = r["perplexity"] / results["bf16"]["perplexity"] - 1
         print(f"{fmt:>10} {r['perplexity']:>11.3f} {r['perplexity_vs_bf16']:>+8.2%} {r['mean_kl']:>10.2e} "
               f"{r['weight_bytes'] / 2**20:>12.2f}")
-    record.write(args.out, "quant_quality", None, {"backend": backend.name, "windows": len(windows), "tokens": tokens,
+    record.write(args.out, "quant_quality", None, {"backend": backend.name, "docstrings": not args.strip_docstrings,
+                                                    "windows": len(windows), "tokens": tokens,
                                                     "wall_s": time.perf_counter() - start, "results": results})
 
 

@@ -57,11 +57,13 @@ def main() -> int:
     args = p.parse_args()
     threads = args.threads if args.threads == "auto" else int(args.threads)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.tokens, ignore_eos=True, seed=0)
-    rows = []
+    rows, ran = [], {}
     for batch in args.batches:
         settings = {0: None} | {k: {"method": "mtp", "num_speculative_tokens": k} for k in args.k}
         llms = {k: LLM(model=args.model, dtype=args.dtype, backend=args.backend, threads=threads, max_num_seqs=batch,
                        speculative_config=s) for k, s in settings.items()}
+        engine = llms[0].engine
+        ran = {"ran_dtype": str(engine.model.embed.weight.dtype).removeprefix("torch."), "ran_backend": engine.backend.name}
         for llm in llms.values():
             llm.generate(PROMPTS[:batch], SamplingParams(temperature=0, max_tokens=8))  # warm-up
         speeds, counts = {k: [] for k in llms}, {k: dict.fromkeys(SPEC_KEYS, 0) for k in llms}
@@ -86,7 +88,7 @@ def main() -> int:
     out.write_text(json.dumps({"command": "python bench/speculative.py " + " ".join(sys.argv[1:]), "date": date,
                                "machine": f"{platform.machine()}, {platform.platform()}", "torch": torch.__version__,
                                "model": args.model or "embedded default model", "dtype": args.dtype,
-                               "backend": args.backend, "threads": args.threads, "tokens": args.tokens,
+                               "backend": args.backend, **ran, "threads": args.threads, "tokens": args.tokens,
                                "temperature": args.temperature, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
